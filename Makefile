@@ -1,0 +1,43 @@
+# bitllm — the two commands a newcomer needs are `make demo` and `make test` (README.md).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip
+# torch is pinned and installed first: an unpinned torch makes pip pick a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+APT_PKGS := g++-aarch64-linux-gnu qemu-user
+STAMP := $(VENV)/.bitllm-setup
+NATIVE_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h) CMakeLists.txt pyproject.toml
+
+.PHONY: setup demo test bench clean apt
+
+setup: $(STAMP)
+
+apt:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "[setup] installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): $(NATIVE_SRC) | apt
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q "scikit-build-core>=0.10" "nanobind>=2.4"
+	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/bitllm demo
+
+test: setup
+	$(VPY) -m pytest -n 2 --durations=15 -q
+
+bench: setup
+	$(VPY) benchmarks/kernels.py
+
+clean:
+	rm -rf build $(VENV) .pytest_cache
