@@ -1,0 +1,55 @@
+"""Tiny Hugging Face causal LMs built from configs (random init) for tests, demos and benchmarks.
+
+No hub access: every family is constructed locally from its transformers config class.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+FAMILIES = ("llama", "bitnet", "phi", "gemma3", "gpt2")
+
+
+def tiny_config(family: str, vocab_size: int = 96, hidden: int = 32, layers: int = 2, **overrides):
+    """A small config of `family` (heads of 8 dims, GQA where the family has it)."""
+    from transformers import (
+        BitNetConfig,
+        Gemma3TextConfig,
+        GPT2Config,
+        LlamaConfig,
+        PhiConfig,
+    )
+
+    heads = max(1, hidden // 8)
+    common = dict(vocab_size=vocab_size, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "llama":
+        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden + 8, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                          tie_word_embeddings=False, **common)
+    elif family == "bitnet":
+        cfg = BitNetConfig(hidden_size=hidden, intermediate_size=2 * hidden + 8, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                           tie_word_embeddings=True, **common)
+    elif family == "phi":
+        cfg = PhiConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, partial_rotary_factor=0.5, tie_word_embeddings=False, **common)
+    elif family == "gemma3":
+        cfg = Gemma3TextConfig(hidden_size=hidden, intermediate_size=2 * hidden + 8, num_hidden_layers=layers,
+                               num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=8,
+                               sliding_window=16, **common)
+    elif family == "gpt2":
+        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=128, vocab_size=vocab_size,
+                         bos_token_id=1, eos_token_id=2)
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; expected one of {FAMILIES}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_model(family: str, seed: int = 0, **kwargs) -> PreTrainedModel:
+    """A random-init tiny causal LM of `family` in eval mode, fp32."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kwargs))
+    return model.eval()
