@@ -1,0 +1,56 @@
+"""The `bitllm` command. One subcommand = one typed function with a docstring; no logic lives here
+that the Python API does not also offer."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from bitllm.errors import BitLLMError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, convert, pack, run and measure 1-bit and 1.58-bit LLMs.")
+console = Console(stderr=True)
+
+
+@app.command()
+def pack(
+    model: str = typer.Argument(..., help="Full-precision (latent-weight) HF checkpoint: local directory or hub id."),
+    method: str = typer.Option("ternary", help="ternary | ternary-wo | binary | onebit"),
+    format: str = typer.Option("i2", "--format", "-f", help="i2 | t1 | b1"),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write (replaced atomically)."),
+    input_norm: bool = typer.Option(False, help="ternary/binary: add the paper's RMSNorm inside each BitLinear."),
+    skip: list[str] = typer.Option(["lm_head"], help="Module names (exact, suffix or glob) to keep in full precision."),
+    linear_class: str = typer.Option("bitlinear", help="HF BitNet scale convention for ternary I2: bitlinear | autobitlinear."),
+) -> None:
+    """Quantize a checkpoint that holds full-precision latent weights and pack it (Bitlinear4HF, bf16 BitNet)."""
+    from bitllm.pack import pack_checkpoint
+
+    out = pack_checkpoint(model, output, method=method, format=format, input_norm=input_norm, skip=tuple(skip),
+                          linear_class=linear_class)
+    console.print(f"[green]wrote[/green] {out}")
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Where the demo writes its files."),
+) -> None:
+    """Quantize a tiny model, pack it in every format, reload it and generate from it."""
+    from bitllm.demo import run_demo
+
+    run_demo(output)
+
+
+def main() -> None:
+    try:
+        app()
+    except BitLLMError as e:
+        console.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
