@@ -1,0 +1,435 @@
+// Kernel front door: CPU probe + ISA table (picked once), packing, the activation quantizer,
+// threading over output rows, and the bandwidth probe. The per-ISA math lives in kernels_<isa>.cpp.
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
+
+#include "kernels_internal.h"
+
+namespace bitllm {
+
+// ============================================================================================
+// Names
+// ============================================================================================
+
+static const char* const kIsaNames[kNumIsas] = {"generic", "avx2", "avx512", "neon", "neon_dotprod"};
+static const char* const kFormatNames[kNumFormats] = {"i2", "t1", "b1"};
+
+const char* format_name(Format f) { return kFormatNames[int(f)]; }
+const char* isa_name(Isa isa) { return isa == Isa::Best ? isa_name(active_isa()) : kIsaNames[int(isa)]; }
+
+static std::string lower(const char* s) {
+    std::string r(s);
+    for (auto& c : r) c = (char)std::tolower((unsigned char)c);
+    return r;
+}
+bool parse_isa(const char* name, Isa* out) {
+    const std::string s = lower(name);
+    for (int i = 0; i < kNumIsas; ++i)
+        if (s == kIsaNames[i]) { *out = Isa(i); return true; }
+    return false;
+}
+bool parse_format(const char* name, Format* out) {
+    const std::string s = lower(name);
+    for (int i = 0; i < kNumFormats; ++i)
+        if (s == kFormatNames[i]) { *out = Format(i); return true; }
+    return false;
+}
+
+// ============================================================================================
+// CPU probe and the table (once)
+// ============================================================================================
+
+bool isa_compiled(Isa isa) {
+    switch (isa) {
+        case Isa::Generic: return true;
+#if defined(__x86_64__)
+        case Isa::AVX2: return true;
+        case Isa::AVX512: return true;
+#endif
+#if defined(__aarch64__)
+        case Isa::NEON: return true;
+        case Isa::NEON_DOTPROD: return true;
+#endif
+        default: return false;
+    }
+}
+
+static bool probe(Isa isa) {
+    if (!isa_compiled(isa)) return false;
+    switch (isa) {
+        case Isa::Generic: return true;
+#if defined(__x86_64__)
+        case Isa::AVX2:
+            __builtin_cpu_init();
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        case Isa::AVX512:
+            __builtin_cpu_init();
+            return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+                   __builtin_cpu_supports("avx512vbmi");
+#endif
+#if defined(__aarch64__)
+        case Isa::NEON: return true;  // Advanced SIMD is mandatory on AArch64
+        case Isa::NEON_DOTPROD:
+#if defined(__linux__) && defined(HWCAP_ASIMDDP)
+            return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+            return false;
+#endif
+#endif
+        default: return false;
+    }
+}
+
+struct Dispatch {
+    bool supported[kNumIsas];
+    Isa best;
+    std::string error;  // set when BITLLM_ISA is invalid
+};
+
+static const Dispatch& dispatch() {
+    static const Dispatch d = [] {
+        Dispatch r{};
+        for (int i = 0; i < kNumIsas; ++i) r.supported[i] = probe(Isa(i));
+        const Isa order[] = {Isa::AVX512, Isa::AVX2, Isa::NEON_DOTPROD, Isa::NEON, Isa::Generic};
+        r.best = Isa::Generic;
+        for (Isa i : order)
+            if (r.supported[int(i)]) { r.best = i; break; }
+        if (const char* env = std::getenv("BITLLM_ISA"); env && *env) {
+            Isa forced;
+            if (!parse_isa(env, &forced))
+                r.error = std::string("BITLLM_ISA=") + env +
+                          " is not a kernel variant (expected generic, avx2, avx512, neon or neon_dotprod)";
+            else if (!r.supported[int(forced)])
+                r.error = std::string("BITLLM_ISA=") + env + " is not supported by this CPU/build";
+            else
+                r.best = forced;
+        }
+        return r;
+    }();
+    return d;
+}
+
+bool isa_supported(Isa isa) { return isa != Isa::Best && dispatch().supported[int(isa)]; }
+
+Isa active_isa() {
+    const Dispatch& d = dispatch();
+    if (!d.error.empty()) throw std::runtime_error(d.error);
+    return d.best;
+}
+
+static const KernelTable& table_for(Isa isa) {
+    if (isa == Isa::Best) isa = active_isa();
+    if (!isa_supported(isa))
+        throw std::runtime_error(std::string("kernel variant '") + kIsaNames[int(isa)] +
+                                 "' is not supported by this CPU/build");
+    switch (isa) {
+#if defined(__x86_64__)
+        case Isa::AVX2: return kTableAVX2;
+        case Isa::AVX512: return kTableAVX512;
+#endif
+#if defined(__aarch64__)
+        case Isa::NEON: return kTableNEON;
+        case Isa::NEON_DOTPROD: return kTableNEONDotprod;
+#endif
+        default: return kTableGeneric;
+    }
+}
+
+// ============================================================================================
+// Threads
+// ============================================================================================
+
+static int g_threads = [] {
+#ifdef _OPENMP
+    return std::max(1, omp_get_max_threads());
+#else
+    return 1;
+#endif
+}();
+
+void set_num_threads(int n) {
+    if (n < 1) throw std::invalid_argument("set_num_threads: n must be >= 1");
+    g_threads = n;
+}
+int get_num_threads() { return g_threads; }
+
+// Split rows [0, N) into `nt` contiguous ranges aligned to `align` rows and run fn(n0, n1) on each.
+template <class Fn>
+static void parallel_rows(int64_t N, int64_t work_per_row, Fn fn) {
+    const int64_t align = 16;
+    int nt = g_threads;
+    // Below ~64k weights of work a thread costs more than it brings.
+    if (N * work_per_row < (1 << 16)) nt = 1;
+    nt = (int)std::min<int64_t>(nt, (N + align - 1) / align);
+    if (nt <= 1) {
+        fn(0, N);
+        return;
+    }
+    const int64_t tiles = (N + align - 1) / align;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num();
+        const int64_t t0 = tiles * t / nt, t1 = tiles * (t + 1) / nt;
+        const int64_t n0 = std::min(N, t0 * align), n1 = std::min(N, t1 * align);
+        if (n1 > n0) fn(n0, n1);
+    }
+#else
+    fn(0, N);
+#endif
+}
+
+// ============================================================================================
+// Packing
+// ============================================================================================
+
+int64_t block_weights(Format f) {
+    switch (f) {
+        case Format::I2: return kI2Weights;
+        case Format::T1: return kT1Weights;
+        case Format::B1: return kB1Weights;
+    }
+    return 0;
+}
+int64_t block_bytes(Format) { return 32; }
+int64_t padded_k(Format f, int64_t K) {
+    const int64_t b = block_weights(f);
+    return std::max<int64_t>(1, (K + b - 1) / b) * b;
+}
+int64_t row_bytes(Format f, int64_t K) { return padded_k(f, K) / block_weights(f) * block_bytes(f); }
+int64_t packed_bytes(Format f, int64_t N, int64_t K) { return N * row_bytes(f, K); }
+
+int64_t find_invalid_weight(Format f, const int8_t* w, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) {
+        const int8_t v = w[i];
+        const bool ok = f == Format::B1 ? (v == 1 || v == -1) : (v >= -1 && v <= 1);
+        if (!ok) return i;
+    }
+    return -1;
+}
+
+void pack(Format f, const int8_t* w, int64_t N, int64_t K, uint8_t* out) {
+    const int64_t Kp = padded_k(f, K), rb = row_bytes(f, K);
+    std::vector<uint8_t> codes((size_t)Kp);  // (Kp,) codes w+1 of one row, padding = weight 0 (+1 for B1)
+    for (int64_t n = 0; n < N; ++n) {
+        const int8_t* wr = w + n * K;
+        uint8_t* o = out + n * rb;
+        for (int64_t k = 0; k < Kp; ++k) codes[k] = k < K ? uint8_t(wr[k] + 1) : (f == Format::B1 ? 2 : 1);
+        std::memset(o, 0, (size_t)rb);
+        switch (f) {
+            case Format::I2:
+                for (int64_t b = 0; b < Kp / kI2Weights; ++b)
+                    for (int i = 0; i < 4; ++i)
+                        for (int j = 0; j < 32; ++j)
+                            o[32 * b + j] |= uint8_t(codes[kI2Weights * b + 32 * i + j] << (2 * i));
+                break;
+            case Format::T1:
+                for (int64_t b = 0; b < Kp / kT1Weights; ++b)
+                    for (int j = 0; j < 32; ++j) {
+                        uint32_t v = 0;
+                        for (int n = 0; n < 5; ++n) v = v * 3 + codes[kT1Weights * b + 32 * n + t1_pos(j)];
+                        o[32 * b + j] = uint8_t((v * 256 + 242) / 243);  // ceil(v·256/243)
+                    }
+                break;
+            case Format::B1:
+                for (int64_t b = 0; b < Kp / kB1Weights; ++b)
+                    for (int i = 0; i < 8; ++i)
+                        for (int j = 0; j < 32; ++j)
+                            o[32 * b + j] |= uint8_t((codes[kB1Weights * b + 32 * i + j] == 0 ? 1 : 0) << i);
+                break;
+        }
+    }
+}
+
+void unpack(Format f, const uint8_t* packed, int64_t N, int64_t K, int8_t* out) {
+    const int64_t Kp = padded_k(f, K), rb = row_bytes(f, K);
+    std::vector<uint8_t> codes((size_t)Kp);
+    for (int64_t n = 0; n < N; ++n) {
+        decode_row_codes_generic(f, packed + n * rb, Kp, codes.data());
+        for (int64_t k = 0; k < K; ++k) out[n * K + k] = int8_t(int(codes[k]) - 1);
+    }
+}
+
+// ============================================================================================
+// Activation quantizer (pinned: fp32, s = 127/max(max|x|, 1e-5), q = clamp(rint(x*s), -128, 127))
+// ============================================================================================
+
+void quantize_activations(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int64_t ldq,
+                          float* scale, int32_t* sums) {
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * ldx;
+        int8_t* qr = q + m * ldq;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; ++k) {
+            const float a = std::fabs(xr[k]);
+            amax = a > amax ? a : amax;
+        }
+        const float s = 127.0f / (amax > 1e-5f ? amax : 1e-5f);
+        int32_t sum = 0;
+        for (int64_t k = 0; k < K; ++k) {
+            // Round half to even without libm calls: |x*s| <= 127.0001 < 2^22, so adding and
+            // subtracting 1.5·2^23 rounds to an integer in the default rounding mode (= torch.round).
+            float r = xr[k] * s;
+            r = (r + 12582912.0f) - 12582912.0f;
+            r = r < -128.0f ? -128.0f : (r > 127.0f ? 127.0f : r);
+            const int8_t v = (int8_t)(int)r;
+            qr[k] = v;
+            sum += v;
+        }
+        for (int64_t k = K; k < ldq; ++k) qr[k] = 0;
+        scale[m] = s;
+        sums[m] = sum;
+    }
+}
+
+// ============================================================================================
+// Matmuls
+// ============================================================================================
+
+static PackedView view(Format f, const uint8_t* packed, int64_t N, int64_t K) {
+    return PackedView{f, packed, N, K, padded_k(f, K), row_bytes(f, K)};
+}
+
+void gemm_a8(Format f, const uint8_t* packed, int64_t N, int64_t K, const int8_t* q, int64_t ldq,
+             const float* xscale, const int32_t* qsum, int64_t M, const float* wscale,
+             const float* bias, float* out, Isa isa) {
+    const KernelTable& t = table_for(isa);
+    const PackedView w = view(f, packed, N, K);
+    if (M <= 0 || N <= 0) return;
+    // Padded activations: reuse the caller's buffer when it already has zeros in [K, Kp).
+    bool ok = ldq >= w.Kp;
+    for (int64_t m = 0; ok && m < M; ++m)
+        for (int64_t k = K; k < w.Kp; ++k)
+            if (q[m * ldq + k] != 0) { ok = false; break; }
+    std::vector<int8_t> qpad;
+    A8Acts a{q, ldq, qsum, xscale, M};
+    if (!ok) {
+        qpad.assign((size_t)(M * w.Kp), 0);  // (M, Kp)
+        for (int64_t m = 0; m < M; ++m) std::memcpy(&qpad[m * w.Kp], q + m * ldq, (size_t)K);
+        a.q = qpad.data();
+        a.ldq = w.Kp;
+    }
+    A8Fn fn = t.a8[int(f)] ? t.a8[int(f)] : kTableGeneric.a8[int(f)];
+    parallel_rows(N, w.Kp * M, [&](int64_t n0, int64_t n1) { fn(w, a, wscale, bias, out, n0, n1); });
+}
+
+void gemm_f32(Format f, const uint8_t* packed, int64_t N, int64_t K, const float* x, int64_t ldx,
+              int64_t M, const float* wscale, const float* bias, float* out, Isa isa) {
+    const KernelTable& t = table_for(isa);
+    const PackedView w = view(f, packed, N, K);
+    if (M <= 0 || N <= 0) return;
+    std::vector<float> xpad;
+    F32Acts a{x, ldx, M};
+    if (K != w.Kp) {
+        xpad.assign((size_t)(M * w.Kp), 0.0f);  // (M, Kp)
+        for (int64_t m = 0; m < M; ++m) std::memcpy(&xpad[m * w.Kp], x + m * ldx, sizeof(float) * K);
+        a.x = xpad.data();
+        a.ldx = w.Kp;
+    }
+    F32Fn fn = t.f32[int(f)] ? t.f32[int(f)] : kTableGeneric.f32[int(f)];
+    parallel_rows(N, w.Kp * M, [&](int64_t n0, int64_t n1) { fn(w, a, wscale, bias, out, n0, n1); });
+}
+
+// ============================================================================================
+// Measurement helpers
+// ============================================================================================
+
+double stream_read_bandwidth(size_t bytes, int threads, int reps) {
+    bytes = std::max<size_t>(bytes / 256 * 256, 1 << 20);
+    threads = std::max(1, threads);
+    uint8_t* buf = static_cast<uint8_t*>(std::aligned_alloc(64, bytes));
+    if (!buf) throw std::bad_alloc();
+    // First touch from the threads that will read (page placement), then read-only passes.
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const size_t c0 = bytes / 256 * t / nt * 256, c1 = bytes / 256 * (t + 1) / nt * 256;
+        std::memset(buf + c0, 1, c1 - c0);
+    }
+#else
+    std::memset(buf, 1, bytes);
+#endif
+    double best = 1e30;
+    volatile uint64_t sink = 0;
+    for (int r = 0; r < std::max(1, reps); ++r) {
+        const auto t0 = std::chrono::steady_clock::now();
+        uint64_t total = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+#endif
+        {
+#ifdef _OPENMP
+            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+            const int t = 0, nt = 1;
+#endif
+            const size_t c0 = bytes / 256 * t / nt * 256, c1 = bytes / 256 * (t + 1) / nt * 256;
+#if defined(__x86_64__)
+            __m128i s0 = _mm_setzero_si128(), s1 = s0, s2 = s0, s3 = s0;
+            for (size_t i = c0; i < c1; i += 64) {
+                s0 = _mm_add_epi64(s0, _mm_load_si128((const __m128i*)(buf + i)));
+                s1 = _mm_add_epi64(s1, _mm_load_si128((const __m128i*)(buf + i + 16)));
+                s2 = _mm_add_epi64(s2, _mm_load_si128((const __m128i*)(buf + i + 32)));
+                s3 = _mm_add_epi64(s3, _mm_load_si128((const __m128i*)(buf + i + 48)));
+            }
+            s0 = _mm_add_epi64(_mm_add_epi64(s0, s1), _mm_add_epi64(s2, s3));
+            uint64_t lanes[2];
+            _mm_storeu_si128((__m128i*)lanes, s0);
+            total += lanes[0] + lanes[1];
+#else
+            uint64_t s[4] = {0, 0, 0, 0};
+            for (size_t i = c0; i < c1; i += 32) {
+                uint64_t v[4];
+                std::memcpy(v, buf + i, 32);
+                for (int j = 0; j < 4; ++j) s[j] += v[j];
+            }
+            total += s[0] + s[1] + s[2] + s[3];
+#endif
+        }
+        const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        sink = sink + total;
+        best = std::min(best, dt);
+    }
+    std::free(buf);
+    return double(bytes) / best;
+}
+
+const char* cpu_model() {
+    static const std::string model = [] {
+        std::ifstream f("/proc/cpuinfo");
+        std::string line;
+        while (std::getline(f, line)) {
+            if (line.rfind("model name", 0) == 0 || line.rfind("Model", 0) == 0 ||
+                line.rfind("CPU part", 0) == 0) {
+                const auto p = line.find(':');
+                if (p != std::string::npos) return line.substr(p + 2);
+            }
+        }
+        return std::string("unknown");
+    }();
+    return model.c_str();
+}
+
+}  // namespace bitllm

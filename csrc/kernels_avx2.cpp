@@ -1,0 +1,267 @@
+// AVX2 kernels (compiled with -mavx2 -mfma -mf16c -ffp-contract=off; only called after the CPU
+// probe says AVX2 is there). Bit-exact twins of kernels_generic.cpp.
+//
+// A8 inner product: codes (u8, 0..2) x activations (s8) with _mm256_maddubs_epi16. Each int16
+// lane of one maddubs is at most 2·2·128 = 512 in magnitude, and we add at most 8 of them (4096)
+// before widening to int32 with _mm256_madd_epi16 — far from the int16 limit.
+#include <immintrin.h>
+
+#include <vector>
+
+#include "kernels_internal.h"
+
+namespace bitllm {
+namespace {
+
+// ============================================================================================
+// Helpers
+// ============================================================================================
+
+inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+inline __m256i load(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+
+// ---- per-format block decoders: 32 packed bytes -> Σ codes·q over the block (int16 lanes) ----
+
+// I2 block (128 weights): 4 planes of 32 codes, plane i = (byte >> 2i) & 3.
+inline __m256i i2_block_dot(__m256i v, const int8_t* q) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    __m256i s = _mm256_maddubs_epi16(_mm256_and_si256(v, m3), load(q));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 2), m3), load(q + 32)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m3), load(q + 64)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3), load(q + 96)));
+    return s;
+}
+
+// T1 digit plane n of a block: with a = (b·3^n) mod 256 held as a<<8 in 16-bit lanes (one
+// _mm256_mullo_epi16), the digit floor(3a/256) is _mm256_mulhi_epu16(a<<8, 3). Even and odd bytes
+// go through separate 16-bit lanes and packus_epi16 interleaves them back (see t1_pos).
+template <int N>
+inline __m256i t1_plane(__m256i xe, __m256i xo) {
+    constexpr int kPow3[5] = {1, 3, 9, 27, 81};
+    const __m256i three = _mm256_set1_epi16(3);
+    if (N > 0) {
+        const __m256i p = _mm256_set1_epi16(kPow3[N]);
+        xe = _mm256_mullo_epi16(xe, p);
+        xo = _mm256_mullo_epi16(xo, p);
+    }
+    return _mm256_packus_epi16(_mm256_mulhi_epu16(xe, three), _mm256_mulhi_epu16(xo, three));
+}
+
+inline __m256i t1_block_dot(__m256i v, const int8_t* q) {
+    const __m256i xe = _mm256_slli_epi16(v, 8);
+    const __m256i xo = _mm256_and_si256(v, _mm256_set1_epi16((short)0xFF00));
+    __m256i s = _mm256_maddubs_epi16(t1_plane<0>(xe, xo), load(q));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(t1_plane<1>(xe, xo), load(q + 32)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(t1_plane<2>(xe, xo), load(q + 64)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(t1_plane<3>(xe, xo), load(q + 96)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(t1_plane<4>(xe, xo), load(q + 128)));
+    return s;
+}
+
+// B1 block (256 weights): 8 bit planes, c = (byte >> i) & 1 (1 = weight -1). Returns Σ c·q.
+inline __m256i b1_block_dot(__m256i v, const int8_t* q) {
+    const __m256i one = _mm256_set1_epi8(1);
+    __m256i s = _mm256_maddubs_epi16(_mm256_and_si256(v, one), load(q));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 1), one), load(q + 32)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 2), one), load(q + 64)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 3), one), load(q + 96)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), one), load(q + 128)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 5), one), load(q + 160)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), one), load(q + 192)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 7), one), load(q + 224)));
+    return s;
+}
+
+template <Format F>
+struct Fmt;
+template <>
+struct Fmt<Format::I2> {
+    static constexpr int kW = kI2Weights;
+    static __m256i dot(__m256i v, const int8_t* q) { return i2_block_dot(v, q); }
+    static int32_t finish(int32_t s, int32_t qsum) { return s - qsum; }  // Σ(code-1)q
+};
+template <>
+struct Fmt<Format::T1> {
+    static constexpr int kW = kT1Weights;
+    static __m256i dot(__m256i v, const int8_t* q) { return t1_block_dot(v, q); }
+    static int32_t finish(int32_t s, int32_t qsum) { return s - qsum; }
+};
+template <>
+struct Fmt<Format::B1> {
+    static constexpr int kW = kB1Weights;
+    static __m256i dot(__m256i v, const int8_t* q) { return b1_block_dot(v, q); }
+    static int32_t finish(int32_t s, int32_t qsum) { return qsum - 2 * s; }  // Σ(1-2c)q
+};
+
+// ============================================================================================
+// Decode rows into codes (GEMM and F32 paths)
+// ============================================================================================
+
+void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
+    const __m256i m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1), two = _mm256_set1_epi8(2);
+    switch (f) {
+        case Format::I2:
+            for (int64_t b = 0; b < Kp / kI2Weights; ++b) {
+                const __m256i v = load(row + 32 * b);
+                uint8_t* c = codes + kI2Weights * b;
+                for (int i = 0; i < 4; ++i)
+                    _mm256_storeu_si256((__m256i*)(c + 32 * i),
+                                        _mm256_and_si256(_mm256_srli_epi16(v, 2 * i), m3));
+            }
+            break;
+        case Format::T1:
+            for (int64_t b = 0; b < Kp / kT1Weights; ++b) {
+                const __m256i v = load(row + 32 * b);
+                const __m256i xe = _mm256_slli_epi16(v, 8);
+                const __m256i xo = _mm256_and_si256(v, _mm256_set1_epi16((short)0xFF00));
+                uint8_t* c = codes + kT1Weights * b;
+                _mm256_storeu_si256((__m256i*)(c + 0), t1_plane<0>(xe, xo));
+                _mm256_storeu_si256((__m256i*)(c + 32), t1_plane<1>(xe, xo));
+                _mm256_storeu_si256((__m256i*)(c + 64), t1_plane<2>(xe, xo));
+                _mm256_storeu_si256((__m256i*)(c + 96), t1_plane<3>(xe, xo));
+                _mm256_storeu_si256((__m256i*)(c + 128), t1_plane<4>(xe, xo));
+            }
+            break;
+        case Format::B1:
+            for (int64_t b = 0; b < Kp / kB1Weights; ++b) {
+                const __m256i v = load(row + 32 * b);
+                uint8_t* c = codes + kB1Weights * b;
+                for (int i = 0; i < 8; ++i) {
+                    const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(v, i), one);
+                    _mm256_storeu_si256((__m256i*)(c + 32 * i), _mm256_sub_epi8(two, _mm256_add_epi8(bit, bit)));
+                }
+            }
+            break;
+    }
+}
+
+// Σ codes·q over Kp (a multiple of 32), exact in int32. Widening every 8 vectors keeps int16 safe.
+inline int32_t dot_codes(const uint8_t* c, const int8_t* q, int64_t Kp) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    int64_t k = 0;
+    while (k < Kp) {
+        __m256i s = _mm256_setzero_si256();
+        const int64_t end = std::min<int64_t>(Kp, k + 8 * 32);
+        for (; k < end; k += 32) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(load(c + k), load(q + k)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
+    }
+    return hsum_epi32(acc);
+}
+
+// ============================================================================================
+// A8 kernels
+// ============================================================================================
+
+// R rows at once against one activation row: R independent DRAM streams, shared activation loads.
+template <Format F, int R>
+inline void gemv_rows(const PackedView& w, const int8_t* q, int64_t n, int32_t* res) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t nb = w.Kp / Fmt<F>::kW;
+    const uint8_t* rows[R];
+    __m256i acc[R];
+    for (int r = 0; r < R; ++r) {
+        rows[r] = w.data + (n + r) * w.row_bytes;
+        acc[r] = _mm256_setzero_si256();
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+        const int8_t* qb = q + Fmt<F>::kW * b;
+        for (int r = 0; r < R; ++r) {
+            _mm_prefetch((const char*)(rows[r] + 32 * b + 1024), _MM_HINT_T0);
+            const __m256i s = Fmt<F>::dot(load(rows[r] + 32 * b), qb);
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s, ones));
+        }
+    }
+    for (int r = 0; r < R; ++r) res[r] = hsum_epi32(acc[r]);
+}
+
+template <Format F>
+void a8_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+             int64_t n0, int64_t n1) {
+    if (a.M < 4) {  // GEMV: stream the weights once per activation row
+        for (int64_t m = 0; m < a.M; ++m) {
+            const int8_t* q = a.q + m * a.ldq;
+            int64_t n = n0;
+            int32_t res[4];
+            for (; n + 4 <= n1; n += 4) {
+                gemv_rows<F, 4>(w, q, n, res);
+                for (int r = 0; r < 4; ++r)
+                    out[m * w.N + n + r] =
+                        a8_epilogue(Fmt<F>::finish(res[r], a.qsum[m]), a.xscale[m], wscale[n + r], bias, n + r);
+            }
+            for (; n < n1; ++n) {
+                gemv_rows<F, 1>(w, q, n, res);
+                out[m * w.N + n] = a8_epilogue(Fmt<F>::finish(res[0], a.qsum[m]), a.xscale[m], wscale[n], bias, n);
+            }
+        }
+        return;
+    }
+    // GEMM: decode a tile of rows once into codes (L1/L2-resident), reuse it for every m.
+    constexpr int R = 4;
+    std::vector<uint8_t> codes((size_t)(R * w.Kp));  // (R, Kp)
+    for (int64_t n = n0; n < n1; n += R) {
+        const int rn = (int)std::min<int64_t>(R, n1 - n);
+        for (int r = 0; r < rn; ++r) decode_codes(F, w.data + (n + r) * w.row_bytes, w.Kp, &codes[r * w.Kp]);
+        for (int64_t m = 0; m < a.M; ++m) {
+            const int8_t* q = a.q + m * a.ldq;
+            for (int r = 0; r < rn; ++r) {
+                const int32_t s = dot_codes(&codes[r * w.Kp], q, w.Kp) - a.qsum[m];
+                out[m * w.N + n + r] = a8_epilogue(s, a.xscale[m], wscale[n + r], bias, n + r);
+            }
+        }
+    }
+}
+
+// ============================================================================================
+// F32 kernels: canonical 16 lanes = two 8-lane accumulators (k ≡ 0..7 and 8..15 mod 16)
+// ============================================================================================
+
+inline __m256 signed_select(__m128i c8, __m256 x) {
+    // c8: 8 codes in the low bytes. code 2 -> +x, 0 -> -x, 1 -> +0.0f (no multiplication).
+    const __m256i c = _mm256_cvtepu8_epi32(c8);
+    const __m256i zero_w = _mm256_cmpeq_epi32(c, _mm256_set1_epi32(1));
+    const __m256i neg = _mm256_slli_epi32(_mm256_cmpeq_epi32(c, _mm256_setzero_si256()), 31);
+    return _mm256_xor_ps(_mm256_andnot_ps(_mm256_castsi256_ps(zero_w), x), _mm256_castsi256_ps(neg));
+}
+
+inline float tree16(__m256 lo, __m256 hi) {
+    const __m256 s8 = _mm256_add_ps(lo, hi);  // l[j] + l[j+8]
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));  // + l[j+4]
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));                                 // + l[j+2]
+    const __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));                              // + l[1]
+    return _mm_cvtss_f32(s1);
+}
+
+template <Format F>
+void f32_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,
+              int64_t n0, int64_t n1) {
+    std::vector<uint8_t> codes((size_t)w.Kp);  // (Kp,)
+    for (int64_t n = n0; n < n1; ++n) {
+        decode_codes(F, w.data + n * w.row_bytes, w.Kp, codes.data());
+        for (int64_t m = 0; m < a.M; ++m) {
+            const float* x = a.x + m * a.ldx;
+            __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+            for (int64_t k = 0; k < w.Kp; k += 16) {
+                const __m128i c16 = _mm_loadu_si128((const __m128i*)(codes.data() + k));
+                lo = _mm256_add_ps(lo, signed_select(c16, _mm256_loadu_ps(x + k)));
+                hi = _mm256_add_ps(hi, signed_select(_mm_srli_si128(c16, 8), _mm256_loadu_ps(x + k + 8)));
+            }
+            out[m * w.N + n] = f32_epilogue(tree16(lo, hi), wscale[n], bias, n);
+        }
+    }
+}
+
+}  // namespace
+
+const KernelTable kTableAVX2 = {
+    {a8_avx2<Format::I2>, a8_avx2<Format::T1>, a8_avx2<Format::B1>},
+    {f32_avx2<Format::I2>, f32_avx2<Format::T1>, f32_avx2<Format::B1>},
+};
+
+}  // namespace bitllm

@@ -1,0 +1,245 @@
+// AVX-512 kernels (F/BW/VL + VNNI; compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni
+// -mavx512vbmi -ffp-contract=off, called only after the CPU probe). Bit-exact twins of generic.
+//
+// One zmm covers two consecutive 32-byte blocks of a row; `vpdpbusd` multiplies u8 codes by s8
+// activations and accumulates straight into int32 (no int16 intermediate to saturate). The two
+// 32-byte halves of an activation vector come from the two blocks' planes (one vinserti64x4,
+// shared by the R rows of a tile). An odd last block runs the 256-bit (VL) form.
+#include <immintrin.h>
+
+#include <vector>
+
+#include "kernels_internal.h"
+
+namespace bitllm {
+namespace {
+
+inline __m256i load256(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
+inline __m512i pair(const int8_t* lo, const int8_t* hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(load256(lo)), load256(hi), 1);
+}
+inline int32_t hsum256(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+// ---- plane decoders, templated on the vector type (zmm for block pairs, ymm for one block) ----
+
+template <class V>
+struct Ops;
+template <>
+struct Ops<__m512i> {
+    static __m512i srli16(__m512i v, int s) { return _mm512_srli_epi16(v, (unsigned)s); }
+    static __m512i slli16_8(__m512i v) { return _mm512_slli_epi16(v, 8); }
+    static __m512i and_(__m512i a, __m512i b) { return _mm512_and_si512(a, b); }
+    static __m512i set8(char c) { return _mm512_set1_epi8(c); }
+    static __m512i set16(short c) { return _mm512_set1_epi16(c); }
+    static __m512i mullo16(__m512i a, __m512i b) { return _mm512_mullo_epi16(a, b); }
+    static __m512i mulhi16(__m512i a, __m512i b) { return _mm512_mulhi_epu16(a, b); }
+    static __m512i packus(__m512i a, __m512i b) { return _mm512_packus_epi16(a, b); }
+    static __m512i dp(__m512i acc, __m512i u, __m512i s) { return _mm512_dpbusd_epi32(acc, u, s); }
+};
+template <>
+struct Ops<__m256i> {
+    static __m256i srli16(__m256i v, int s) { return _mm256_srli_epi16(v, s); }
+    static __m256i slli16_8(__m256i v) { return _mm256_slli_epi16(v, 8); }
+    static __m256i and_(__m256i a, __m256i b) { return _mm256_and_si256(a, b); }
+    static __m256i set8(char c) { return _mm256_set1_epi8(c); }
+    static __m256i set16(short c) { return _mm256_set1_epi16(c); }
+    static __m256i mullo16(__m256i a, __m256i b) { return _mm256_mullo_epi16(a, b); }
+    static __m256i mulhi16(__m256i a, __m256i b) { return _mm256_mulhi_epu16(a, b); }
+    static __m256i packus(__m256i a, __m256i b) { return _mm256_packus_epi16(a, b); }
+    static __m256i dp(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+};
+
+// Codes of plane i of the block(s) in v (I2: 4 planes, T1: 5, B1: 8). B1 yields c = 1 for w = -1.
+template <Format F, class V>
+struct Planes;
+template <class V>
+struct Planes<Format::I2, V> {
+    static constexpr int kN = 4, kW = kI2Weights;
+    V v;
+    explicit Planes(V x) : v(x) {}
+    V get(int i) const { return Ops<V>::and_(Ops<V>::srli16(v, 2 * i), Ops<V>::set8(3)); }
+};
+template <class V>
+struct Planes<Format::T1, V> {
+    static constexpr int kN = 5, kW = kT1Weights;
+    V xe, xo;
+    explicit Planes(V v)
+        : xe(Ops<V>::slli16_8(v)), xo(Ops<V>::and_(v, Ops<V>::set16((short)0xFF00))) {}
+    V get(int n) const {
+        static const short kPow3[5] = {1, 3, 9, 27, 81};
+        const V p = Ops<V>::set16(kPow3[n]), three = Ops<V>::set16(3);
+        return Ops<V>::packus(Ops<V>::mulhi16(Ops<V>::mullo16(xe, p), three),
+                              Ops<V>::mulhi16(Ops<V>::mullo16(xo, p), three));
+    }
+};
+template <class V>
+struct Planes<Format::B1, V> {
+    static constexpr int kN = 8, kW = kB1Weights;
+    V v;
+    explicit Planes(V x) : v(x) {}
+    V get(int i) const { return Ops<V>::and_(Ops<V>::srli16(v, i), Ops<V>::set8(1)); }
+};
+
+template <Format F>
+inline int32_t finish(int32_t s, int32_t qsum) {
+    return F == Format::B1 ? qsum - 2 * s : s - qsum;
+}
+
+// ============================================================================================
+// A8
+// ============================================================================================
+
+template <Format F, int R>
+inline void gemv_rows(const PackedView& w, const int8_t* q, int64_t n, int32_t* res) {
+    using P = Planes<F, __m512i>;
+    using P2 = Planes<F, __m256i>;
+    const int64_t nb = w.Kp / P::kW;
+    const uint8_t* rows[R];
+    __m512i acc[R];
+    for (int r = 0; r < R; ++r) {
+        rows[r] = w.data + (n + r) * w.row_bytes;
+        acc[r] = _mm512_setzero_si512();
+    }
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const int8_t* q0 = q + P::kW * b;
+        const int8_t* q1 = q0 + P::kW;
+        __m512i qa[P::kN];  // activation planes of both blocks, shared by the R rows
+        for (int i = 0; i < P::kN; ++i) qa[i] = pair(q0 + 32 * i, q1 + 32 * i);
+        for (int r = 0; r < R; ++r) {
+            const P pl(load512(rows[r] + 32 * b));
+            for (int i = 0; i < P::kN; ++i) acc[r] = _mm512_dpbusd_epi32(acc[r], pl.get(i), qa[i]);
+        }
+    }
+    __m256i tail[R];
+    for (int r = 0; r < R; ++r) tail[r] = _mm256_setzero_si256();
+    if (b < nb) {
+        const int8_t* q0 = q + P::kW * b;
+        for (int r = 0; r < R; ++r) {
+            const P2 pl(load256(rows[r] + 32 * b));
+            for (int i = 0; i < P2::kN; ++i) tail[r] = _mm256_dpbusd_epi32(tail[r], pl.get(i), load256(q0 + 32 * i));
+        }
+    }
+    for (int r = 0; r < R; ++r) res[r] = _mm512_reduce_add_epi32(acc[r]) + hsum256(tail[r]);
+}
+
+void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
+    // One block at a time with the 256-bit plane decoders; codes = w+1 (B1: 2 - 2c).
+    switch (f) {
+        case Format::I2:
+            for (int64_t b = 0; b < Kp / kI2Weights; ++b) {
+                const Planes<Format::I2, __m256i> p(load256(row + 32 * b));
+                for (int i = 0; i < 4; ++i) _mm256_storeu_si256((__m256i*)(codes + kI2Weights * b + 32 * i), p.get(i));
+            }
+            break;
+        case Format::T1:
+            for (int64_t b = 0; b < Kp / kT1Weights; ++b) {
+                const Planes<Format::T1, __m256i> p(load256(row + 32 * b));
+                for (int i = 0; i < 5; ++i) _mm256_storeu_si256((__m256i*)(codes + kT1Weights * b + 32 * i), p.get(i));
+            }
+            break;
+        case Format::B1:
+            for (int64_t b = 0; b < Kp / kB1Weights; ++b) {
+                const Planes<Format::B1, __m256i> p(load256(row + 32 * b));
+                for (int i = 0; i < 8; ++i) {
+                    const __m256i c = p.get(i);
+                    _mm256_storeu_si256((__m256i*)(codes + kB1Weights * b + 32 * i),
+                                        _mm256_sub_epi8(_mm256_set1_epi8(2), _mm256_add_epi8(c, c)));
+                }
+            }
+            break;
+    }
+}
+
+inline int32_t dot_codes(const uint8_t* c, const int8_t* q, int64_t Kp) {
+    __m512i acc = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= Kp; k += 64) acc = _mm512_dpbusd_epi32(acc, load512(c + k), load512(q + k));
+    __m256i t = _mm256_setzero_si256();
+    for (; k < Kp; k += 32) t = _mm256_dpbusd_epi32(t, load256(c + k), load256(q + k));
+    return _mm512_reduce_add_epi32(acc) + hsum256(t);
+}
+
+template <Format F>
+void a8_avx512(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+               int64_t n0, int64_t n1) {
+    if (a.M < 4) {
+        for (int64_t m = 0; m < a.M; ++m) {
+            const int8_t* q = a.q + m * a.ldq;
+            int64_t n = n0;
+            int32_t res[4];
+            for (; n + 4 <= n1; n += 4) {
+                gemv_rows<F, 4>(w, q, n, res);
+                for (int r = 0; r < 4; ++r)
+                    out[m * w.N + n + r] = a8_epilogue(finish<F>(res[r], a.qsum[m]), a.xscale[m], wscale[n + r], bias, n + r);
+            }
+            for (; n < n1; ++n) {
+                gemv_rows<F, 1>(w, q, n, res);
+                out[m * w.N + n] = a8_epilogue(finish<F>(res[0], a.qsum[m]), a.xscale[m], wscale[n], bias, n);
+            }
+        }
+        return;
+    }
+    constexpr int R = 4;
+    std::vector<uint8_t> codes((size_t)(R * w.Kp));  // (R, Kp)
+    for (int64_t n = n0; n < n1; n += R) {
+        const int rn = (int)std::min<int64_t>(R, n1 - n);
+        for (int r = 0; r < rn; ++r) decode_codes(F, w.data + (n + r) * w.row_bytes, w.Kp, &codes[r * w.Kp]);
+        for (int64_t m = 0; m < a.M; ++m) {
+            const int8_t* q = a.q + m * a.ldq;
+            for (int r = 0; r < rn; ++r) {
+                const int32_t s = dot_codes(&codes[r * w.Kp], q, w.Kp) - a.qsum[m];
+                out[m * w.N + n + r] = a8_epilogue(s, a.xscale[m], wscale[n + r], bias, n + r);
+            }
+        }
+    }
+}
+
+// ============================================================================================
+// F32: one zmm = the 16 canonical lanes
+// ============================================================================================
+
+template <Format F>
+void f32_avx512(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,
+                int64_t n0, int64_t n1) {
+    std::vector<uint8_t> codes((size_t)w.Kp);  // (Kp,)
+    const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    for (int64_t n = n0; n < n1; ++n) {
+        decode_codes(F, w.data + n * w.row_bytes, w.Kp, codes.data());
+        for (int64_t m = 0; m < a.M; ++m) {
+            const float* x = a.x + m * a.ldx;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t k = 0; k < w.Kp; k += 16) {
+                const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes.data() + k)));
+                const __mmask16 nz = _mm512_cmpneq_epi32_mask(c, one);
+                const __mmask16 neg = _mm512_cmpeq_epi32_mask(c, zero);
+                __m512i v = _mm512_castps_si512(_mm512_maskz_mov_ps(nz, _mm512_loadu_ps(x + k)));
+                v = _mm512_mask_xor_epi32(v, neg, v, sign);  // -x by flipping the sign bit
+                acc = _mm512_add_ps(acc, _mm512_castsi512_ps(v));
+            }
+            const __m256 lo = _mm512_castps512_ps256(acc);
+            const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
+            const __m256 s8 = _mm256_add_ps(lo, hi);
+            const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+            const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            const __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+            out[m * w.N + n] = f32_epilogue(_mm_cvtss_f32(s1), wscale[n], bias, n);
+        }
+    }
+}
+
+}  // namespace
+
+const KernelTable kTableAVX512 = {
+    {a8_avx512<Format::I2>, a8_avx512<Format::T1>, a8_avx512<Format::B1>},
+    {f32_avx512<Format::I2>, f32_avx512<Format::T1>, f32_avx512<Format::B1>},
+};
+
+}  // namespace bitllm

@@ -1,0 +1,142 @@
+// Arm NEON kernels, shared body of kernels_neon.cpp (plain Armv8-A Advanced SIMD) and
+// kernels_neon_dotprod.cpp (Armv8.2-A dotprod, compiled with +dotprod). Bit-exact twins of generic.
+// The including file defines BITLLM_NEON_TABLE and, for the dotprod build, BITLLM_NEON_DOTPROD.
+#include <arm_neon.h>
+
+#include <vector>
+
+#include "kernels_internal.h"
+
+namespace bitllm {
+namespace {
+
+// ============================================================================================
+// Decode one row into codes w+1 (B1: 2 - 2c)
+// ============================================================================================
+
+void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
+    switch (f) {
+        case Format::I2:
+            for (int64_t b = 0; b < Kp / kI2Weights; ++b)
+                for (int h = 0; h < 2; ++h) {
+                    const uint8x16_t v = vld1q_u8(row + 32 * b + 16 * h);
+                    for (int i = 0; i < 4; ++i) {
+                        const uint8x16_t c = vandq_u8(vshlq_u8(v, vdupq_n_s8((int8_t)(-2 * i))), vdupq_n_u8(3));
+                        vst1q_u8(codes + kI2Weights * b + 32 * i + 16 * h, c);
+                    }
+                }
+            break;
+        case Format::T1: {
+            // Per 16-byte half, gather even bytes then odd bytes: that is t1_pos order.
+            static const uint8_t kIdx[16] = {0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15};
+            const uint8x16_t idx = vld1q_u8(kIdx);
+            static const uint8_t kPow3[5] = {1, 3, 9, 27, 81};
+            for (int64_t b = 0; b < Kp / kT1Weights; ++b)
+                for (int h = 0; h < 2; ++h) {
+                    const uint8x16_t v = vqtbl1q_u8(vld1q_u8(row + 32 * b + 16 * h), idx);
+                    for (int n = 0; n < 5; ++n) {
+                        const uint8x16_t a = vmulq_u8(v, vdupq_n_u8(kPow3[n]));  // (b·3^n) mod 256
+                        const uint16x8_t lo = vmull_u8(vget_low_u8(a), vdup_n_u8(3));
+                        const uint16x8_t hi = vmull_high_u8(a, vdupq_n_u8(3));
+                        // digit = (3a) >> 8: the high byte of each 16-bit product
+                        const uint8x16_t d = vuzp2q_u8(vreinterpretq_u8_u16(lo), vreinterpretq_u8_u16(hi));
+                        vst1q_u8(codes + kT1Weights * b + 32 * n + 16 * h, d);
+                    }
+                }
+            break;
+        }
+        case Format::B1:
+            for (int64_t b = 0; b < Kp / kB1Weights; ++b)
+                for (int h = 0; h < 2; ++h) {
+                    const uint8x16_t v = vld1q_u8(row + 32 * b + 16 * h);
+                    for (int i = 0; i < 8; ++i) {
+                        const uint8x16_t c = vandq_u8(vshlq_u8(v, vdupq_n_s8((int8_t)(-i))), vdupq_n_u8(1));
+                        vst1q_u8(codes + kB1Weights * b + 32 * i + 16 * h, vsubq_u8(vdupq_n_u8(2), vaddq_u8(c, c)));
+                    }
+                }
+            break;
+    }
+}
+
+// Σ codes·q over Kp (multiple of 32). Codes are 0..2, so they are valid signed bytes too.
+inline int32_t dot_codes(const uint8_t* c, const int8_t* q, int64_t Kp) {
+#if defined(BITLLM_NEON_DOTPROD)
+    int32x4_t acc0 = vdupq_n_s32(0), acc1 = vdupq_n_s32(0);
+    for (int64_t k = 0; k < Kp; k += 32) {
+        acc0 = vdotq_s32(acc0, vreinterpretq_s8_u8(vld1q_u8(c + k)), vld1q_s8(q + k));
+        acc1 = vdotq_s32(acc1, vreinterpretq_s8_u8(vld1q_u8(c + k + 16)), vld1q_s8(q + k + 16));
+    }
+    return vaddvq_s32(vaddq_s32(acc0, acc1));
+#else
+    // int16 products are at most 2·128 = 256; two of them summed stay far inside int16.
+    int32x4_t acc = vdupq_n_s32(0);
+    for (int64_t k = 0; k < Kp; k += 16) {
+        const int8x16_t cv = vreinterpretq_s8_u8(vld1q_u8(c + k));
+        const int8x16_t qv = vld1q_s8(q + k);
+        int16x8_t p = vmull_s8(vget_low_s8(cv), vget_low_s8(qv));
+        p = vmlal_high_s8(p, cv, qv);
+        acc = vpadalq_s16(acc, p);
+    }
+    return vaddvq_s32(acc);
+#endif
+}
+
+// ============================================================================================
+// A8 and F32
+// ============================================================================================
+
+template <Format F>
+void a8_neon(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+             int64_t n0, int64_t n1) {
+    std::vector<uint8_t> codes((size_t)w.Kp);  // (Kp,) one decoded row, reused for every m
+    for (int64_t n = n0; n < n1; ++n) {
+        decode_codes(F, w.data + n * w.row_bytes, w.Kp, codes.data());
+        for (int64_t m = 0; m < a.M; ++m) {
+            const int32_t s = dot_codes(codes.data(), a.q + m * a.ldq, w.Kp) - a.qsum[m];
+            out[m * w.N + n] = a8_epilogue(s, a.xscale[m], wscale[n], bias, n);
+        }
+    }
+}
+
+inline float32x4_t signed_select(uint8x8_t c4x2, int half, float32x4_t x) {
+    // 4 codes -> +x (2), -x (0), +0.0f (1), by masking and flipping the sign bit.
+    const uint16x8_t c16 = vmovl_u8(c4x2);
+    const uint32x4_t c = half ? vmovl_high_u16(c16) : vmovl_u16(vget_low_u16(c16));
+    const uint32x4_t zero_w = vceqq_u32(c, vdupq_n_u32(1));
+    const uint32x4_t neg = vshlq_n_u32(vceqq_u32(c, vdupq_n_u32(0)), 31);
+    return vreinterpretq_f32_u32(veorq_u32(vbicq_u32(vreinterpretq_u32_f32(x), zero_w), neg));
+}
+
+template <Format F>
+void f32_neon(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,
+              int64_t n0, int64_t n1) {
+    std::vector<uint8_t> codes((size_t)w.Kp);  // (Kp,)
+    for (int64_t n = n0; n < n1; ++n) {
+        decode_codes(F, w.data + n * w.row_bytes, w.Kp, codes.data());
+        for (int64_t m = 0; m < a.M; ++m) {
+            const float* x = a.x + m * a.ldx;
+            // The 16 canonical lanes: l0 = k%16 in 0..3, l1 = 4..7, l2 = 8..11, l3 = 12..15.
+            float32x4_t l0 = vdupq_n_f32(0.0f), l1 = l0, l2 = l0, l3 = l0;
+            for (int64_t k = 0; k < w.Kp; k += 16) {
+                const uint8x16_t c = vld1q_u8(codes.data() + k);
+                l0 = vaddq_f32(l0, signed_select(vget_low_u8(c), 0, vld1q_f32(x + k)));
+                l1 = vaddq_f32(l1, signed_select(vget_low_u8(c), 1, vld1q_f32(x + k + 4)));
+                l2 = vaddq_f32(l2, signed_select(vget_high_u8(c), 0, vld1q_f32(x + k + 8)));
+                l3 = vaddq_f32(l3, signed_select(vget_high_u8(c), 1, vld1q_f32(x + k + 12)));
+            }
+            const float32x4_t s4 = vaddq_f32(vaddq_f32(l0, l2), vaddq_f32(l1, l3));  // l[j]+l[j+8], then +l[j+4]
+            const float32x2_t s2 = vadd_f32(vget_low_f32(s4), vget_high_f32(s4));
+            const float acc = vget_lane_f32(s2, 0) + vget_lane_f32(s2, 1);
+            out[m * w.N + n] = f32_epilogue(acc, wscale[n], bias, n);
+        }
+    }
+}
+
+}  // namespace
+
+const KernelTable BITLLM_NEON_TABLE = {
+    {a8_neon<Format::I2>, a8_neon<Format::T1>, a8_neon<Format::B1>},
+    {f32_neon<Format::I2>, f32_neon<Format::T1>, f32_neon<Format::B1>},
+};
+
+}  // namespace bitllm
