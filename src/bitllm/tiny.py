@@ -48,8 +48,15 @@ def tiny_config(family: str, vocab_size: int = 96, hidden: int = 32, layers: int
     return cfg
 
 
-def tiny_model(family: str, seed: int = 0, **kwargs) -> PreTrainedModel:
-    """A random-init tiny causal LM of `family` in eval mode, fp32."""
+def tiny_model(family: str, seed: int = 0, embed_std: float | None = None, **kwargs) -> PreTrainedModel:
+    """A random-init tiny causal LM of `family` in eval mode, fp32.
+
+    `embed_std` re-draws the token embeddings from N(0, embed_std^2): with O(1) hidden states (as in
+    trained models) the RMSNorms do not amplify fp32 noise by ~50x the way HF's 0.02 init does.
+    """
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **kwargs))
+    if embed_std is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, embed_std)
     return model.eval()
