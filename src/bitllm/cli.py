@@ -35,6 +35,33 @@ def pack(
 
 
 @app.command()
+def train(
+    preset: Optional[str] = typer.Option(None, help="tiny | demo | small | 700m | 1.3b | 3b | 3.9b (default demo)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A TrainConfig as JSON or YAML."),
+    quant: Optional[str] = typer.Option(None, help="ternary | binary | none (the full-precision twin)."),
+    layout: Optional[str] = typer.Option(None, help="bitnet (BitNetForCausalLM) | llama (LlamaForCausalLM)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (output_dir)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: --set recipe.lr=2e-3 --set data.train='[\"my.txt\"]'."),
+    resume: bool = typer.Option(False, help="Continue bit-exactly from OUTPUT/checkpoint if it exists."),
+    overwrite: bool = typer.Option(False, help="Start again over an existing run in OUTPUT."),
+) -> None:
+    """Train a 1.58-bit, 1-bit or full-precision decoder from scratch (one CPU, a GPU, or `accelerate launch`)."""
+    from bitllm.train.config import parse_override, resolve_config
+    from bitllm.train.trainer import train as run_training
+
+    overrides = dict(parse_override(s) for s in set_)
+    if output is not None:
+        overrides["output_dir"] = str(output)
+    if steps is not None:
+        overrides["steps"] = steps
+    cfg = resolve_config(preset, config, quant, layout, overrides)
+    result = run_training(cfg, resume=resume, overwrite=overwrite)
+    ppl = ", ".join(f"{k} {v:.2f} (unigram {result.unigram_ppl.get(k, float('nan')):.2f})" for k, v in result.heldout_ppl.items())
+    console.print(f"[green]trained[/green] {result.model_dir}  held-out perplexity: {ppl}")
+
+
+@app.command()
 def demo(
     output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Where the demo writes its files."),
 ) -> None:

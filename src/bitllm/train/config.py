@@ -284,3 +284,15 @@ def load_config(path: str | Path) -> TrainConfig:
     if not isinstance(d, dict):
         raise BitLLMError(f"{path}: expected a mapping of config fields, found {type(d).__name__}")
     return TrainConfig.from_dict(d)
+
+
+def resolve_config(preset: str | None = None, config_file: str | Path | None = None, quant: str | None = None,
+                   layout: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The config a command line names: a preset (its recipe follows `quant`) or a JSON/YAML file, then overrides."""
+    if preset and config_file:
+        raise BitLLMError("give either a preset or a config file, not both (a config file names its preset)")
+    if config_file:
+        cfg = load_config(config_file)
+        top = {k: v for k, v in (("quant", quant), ("model.layout", layout)) if v is not None}
+        return apply_overrides(cfg, {**top, **(overrides or {})})
+    return preset_config(preset or "demo", quant=quant or "ternary", layout=layout or "bitnet", overrides=overrides)

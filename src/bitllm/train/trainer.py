@@ -301,7 +301,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, co
     unwrapped = accelerator.unwrap_model(model)
     result = None
     if main:
-        result = _finish(unwrapped, cfg, corpus, state, params, out)
+        result = _finish(unwrapped, cfg, corpus, state, params, out, world)
     accelerator.wait_for_everyone()
     if result is None:  # other ranks: the numbers rank 0 wrote
         result = _result_from_metrics(out, params, state)
@@ -317,7 +317,8 @@ def _evaluate(model: nn.Module, corpus: Corpus, cfg: TrainConfig) -> dict[str, f
             for split, ids in corpus.heldout.items()}
 
 
-def _finish(model: nn.Module, cfg: TrainConfig, corpus: Corpus, state: dict, params: int, out: Path) -> TrainResult:
+def _finish(model: nn.Module, cfg: TrainConfig, corpus: Corpus, state: dict, params: int, out: Path,
+            processes: int) -> TrainResult:
     from bitllm.train.plot import plot_losses
 
     ppl = _evaluate(model, corpus, cfg)
@@ -328,7 +329,7 @@ def _finish(model: nn.Module, cfg: TrainConfig, corpus: Corpus, state: dict, par
     steady = times[2:] if len(times) > 4 else times  # the first steps pay for allocation and warm-up
     step_time = sum(steady) / max(len(steady), 1)
     metrics = {
-        "quant": cfg.quant, "layout": cfg.model.layout, "params": params, "steps": state["step"],
+        "quant": cfg.quant, "layout": cfg.model.layout, "params": params, "steps": state["step"], "processes": processes,
         "train_tokens_seen": state["step"] * cfg.batch_size * cfg.model.seq_len,
         "corpus_train_tokens": corpus.train_tokens, "losses": state["losses"], "lrs": state["lrs"],
         "step_time_s": step_time, "tokens_per_s": cfg.batch_size * cfg.model.seq_len / step_time if step_time else 0.0,
