@@ -83,6 +83,9 @@ static bool probe(Isa isa) {
             __builtin_cpu_init();
             return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
         case Isa::AVX512:
+#if defined(BITLLM_SIMDE_AVX512)
+            return true;  // test-only build: the AVX-512 file is compiled against SIMDe's emulation
+#endif
             __builtin_cpu_init();
             return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
@@ -285,7 +288,8 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int64_t ldx, int
             const float a = std::fabs(xr[k]);
             amax = a > amax ? a : amax;
         }
-        const float s = 127.0f / (amax > 1e-5f ? amax : 1e-5f);
+        // torch evaluates `127 / t` as t.reciprocal() * 127: two fp32 roundings, reproduced here.
+        const float s = (1.0f / (amax > 1e-5f ? amax : 1e-5f)) * 127.0f;
         int32_t sum = 0;
         for (int64_t k = 0; k < K; ++k) {
             // Round half to even without libm calls: |x*s| <= 127.0001 < 2^22, so adding and

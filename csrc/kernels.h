@@ -5,6 +5,7 @@
 //
 // Semantics (pinned, DESIGN.md §2; every ISA variant is bit-exact with the scalar `generic` one):
 //   quantize_activations: per row, s = 127 / max(max|x|, 1e-5) (fp32), q = clamp(rint(x*s), -128, 127)
+//                         where 127 / m is evaluated as torch does it: (1.0f / m) * 127.0f
 //   gemm_a8:  acc[m,n] = Σ_k W[n,k]·q[m,k] (int32, exact);
 //             out[m,n] = ((float)acc / xscale[m]) * wscale[n] + bias[n]   (this op order, no FMA)
 //   gemm_f32: acc[m,n] = Σ_k W[n,k]·x[m,k] without multiplications, in the canonical order below;

@@ -5,7 +5,30 @@
 // activations and accumulates straight into int32 (no int16 intermediate to saturate). The two
 // 32-byte halves of an activation vector come from the two blocks' planes (one vinserti64x4,
 // shared by the R rows of a tile). An odd last block runs the 256-bit (VL) form.
+#if defined(BITLLM_SIMDE_AVX512)
+// Test-only build: SIMDe's portable AVX-512 emulation, so that this file's logic can be checked
+// bit for bit on CPUs without AVX-512 (tests/test_kernels_native.py).
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+// SIMDe 0.7 lacks this one; emulate it with two 256-bit halves.
+static inline simde__m512i bitllm_mm512_mulhi_epu16(simde__m512i a, simde__m512i b) {
+    const simde__m256i lo = simde_mm256_mulhi_epu16(simde_mm512_castsi512_si256(a), simde_mm512_castsi512_si256(b));
+    const simde__m256i hi = simde_mm256_mulhi_epu16(simde_mm512_extracti64x4_epi64(a, 1), simde_mm512_extracti64x4_epi64(b, 1));
+    return simde_mm512_inserti64x4(simde_mm512_castsi256_si512(lo), hi, 1);
+}
+#define _mm512_mulhi_epu16 bitllm_mm512_mulhi_epu16
+static inline simde__m512i bitllm_mm512_cvtepu8_epi32(simde__m128i a) {
+    return simde_mm512_inserti64x4(simde_mm512_castsi256_si512(simde_mm256_cvtepu8_epi32(a)),
+                                   simde_mm256_cvtepu8_epi32(simde_mm_srli_si128(a, 8)), 1);
+}
+#define _mm512_cvtepu8_epi32 bitllm_mm512_cvtepu8_epi32
+#define _mm512_cmpneq_epi32_mask(a, b) ((simde__mmask16)~simde_mm512_cmpeq_epi32_mask(a, b))
+#else
 #include <immintrin.h>
+#endif
+
+// Vector types as template arguments (Ops<__m512i>) drop their alignment attribute; harmless here.
+#pragma GCC diagnostic ignored "-Wignored-attributes"
 
 #include <vector>
 
@@ -24,6 +47,9 @@ inline int32_t hsum256(__m256i v) {
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
     return _mm_cvtsi128_si32(s);
+}
+inline int32_t hsum512(__m512i v) {
+    return hsum256(_mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1)));
 }
 
 // ---- plane decoders, templated on the vector type (zmm for block pairs, ymm for one block) ----
@@ -126,7 +152,7 @@ inline void gemv_rows(const PackedView& w, const int8_t* q, int64_t n, int32_t* 
             for (int i = 0; i < P2::kN; ++i) tail[r] = _mm256_dpbusd_epi32(tail[r], pl.get(i), load256(q0 + 32 * i));
         }
     }
-    for (int r = 0; r < R; ++r) res[r] = _mm512_reduce_add_epi32(acc[r]) + hsum256(tail[r]);
+    for (int r = 0; r < R; ++r) res[r] = hsum512(acc[r]) + hsum256(tail[r]);
 }
 
 void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
@@ -163,7 +189,7 @@ inline int32_t dot_codes(const uint8_t* c, const int8_t* q, int64_t Kp) {
     for (; k + 64 <= Kp; k += 64) acc = _mm512_dpbusd_epi32(acc, load512(c + k), load512(q + k));
     __m256i t = _mm256_setzero_si256();
     for (; k < Kp; k += 32) t = _mm256_dpbusd_epi32(t, load256(c + k), load256(q + k));
-    return _mm512_reduce_add_epi32(acc) + hsum256(t);
+    return hsum512(acc) + hsum256(t);
 }
 
 template <Format F>

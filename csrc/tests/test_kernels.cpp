@@ -1,0 +1,135 @@
+// Standalone kernel test (no Python): every variant this CPU runs against the scalar `generic`
+// twin, bit for bit, on random odd shapes; `generic` against a direct integer reference; pack /
+// unpack round trips; the T1 digit decoder over all 243 byte values. Built and run by
+// tests/test_kernels_native.py under ASan+UBSan on x86 and under qemu-aarch64 for NEON.
+// Exit status 0 = all passed. Prints one line per variant: "isa <name>: ran|skipped (...)".
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "kernels.h"
+#include "kernels_internal.h"
+
+using namespace bitllm;
+
+static int g_failures = 0;
+#define CHECK(cond, ...)                                   \
+    do {                                                   \
+        if (!(cond)) {                                     \
+            std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+            std::printf(__VA_ARGS__);                      \
+            std::printf("\n");                             \
+            if (++g_failures > 20) std::exit(1);           \
+        }                                                  \
+    } while (0)
+
+static std::mt19937 rng(1234);
+
+static std::vector<int8_t> random_weights(Format f, int64_t N, int64_t K) {
+    std::vector<int8_t> w((size_t)(N * K));
+    std::uniform_int_distribution<int> d(0, f == Format::B1 ? 1 : 2);
+    for (auto& v : w) v = f == Format::B1 ? int8_t(d(rng) * 2 - 1) : int8_t(d(rng) - 1);
+    return w;
+}
+
+static void test_t1_digits() {
+    // Every 5-trit value survives ceil(v·256/243) and the multiply-based digit extraction.
+    for (int v = 0; v < 243; ++v) {
+        const uint8_t b = uint8_t((v * 256 + 242) / 243);
+        int t[5], x = v;
+        for (int n = 4; n >= 0; --n) { t[n] = x % 3; x /= 3; }
+        for (int n = 0; n < 5; ++n) CHECK(t1_digit(b, n) == t[n], "t1 digit v=%d n=%d", v, n);
+    }
+}
+
+static void test_pack_roundtrip(Format f, int64_t N, int64_t K) {
+    const auto w = random_weights(f, N, K);
+    std::vector<uint8_t> p((size_t)packed_bytes(f, N, K));
+    pack(f, w.data(), N, K, p.data());
+    std::vector<int8_t> back((size_t)(N * K));
+    unpack(f, p.data(), N, K, back.data());
+    CHECK(back == w, "pack/unpack %s N=%lld K=%lld", format_name(f), (long long)N, (long long)K);
+}
+
+// One shape: A8 and F32 for all supported variants vs generic; generic A8 vs the int reference.
+static void test_shape(Format f, int64_t M, int64_t N, int64_t K, bool extreme) {
+    const auto w = random_weights(f, N, K);
+    std::vector<uint8_t> p((size_t)packed_bytes(f, N, K));
+    pack(f, w.data(), N, K, p.data());
+
+    std::vector<float> x((size_t)(M * K));  // (M, K)
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    for (auto& v : x) v = nd(rng);
+    std::vector<int8_t> q((size_t)(M * K));  // (M, K), ldq = K (the front door pads it)
+    std::vector<float> xs((size_t)M);
+    std::vector<int32_t> qs((size_t)M);
+    if (extreme) {  // worst case for every accumulator: all ±127 / -128
+        std::uniform_int_distribution<int> d(0, 2);
+        for (int64_t m = 0; m < M; ++m) {
+            int32_t s = 0;
+            for (int64_t k = 0; k < K; ++k) {
+                const int r = d(rng);
+                const int8_t v = int8_t(r == 0 ? 127 : r == 1 ? -127 : -128);
+                q[m * K + k] = v;
+                s += v;
+            }
+            xs[m] = 1.0f;
+            qs[m] = s;
+        }
+    } else {
+        quantize_activations(x.data(), M, K, K, q.data(), K, xs.data(), qs.data());
+    }
+    std::vector<float> ws((size_t)N), bias((size_t)N);
+    std::uniform_real_distribution<float> ud(0.5f, 1.5f);
+    for (auto& v : ws) v = ud(rng);
+    for (auto& v : bias) v = nd(rng);
+
+    // integer reference for generic
+    std::vector<float> ref((size_t)(M * N));
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+            int64_t acc = 0;
+            for (int64_t k = 0; k < K; ++k) acc += int64_t(w[n * K + k]) * q[m * K + k];
+            ref[m * N + n] = ((float)(int32_t)acc / xs[m]) * ws[n] + bias[n];
+        }
+    std::vector<float> g_a8((size_t)(M * N)), g_f32((size_t)(M * N)), o((size_t)(M * N));
+    gemm_a8(f, p.data(), N, K, q.data(), K, xs.data(), qs.data(), M, ws.data(), bias.data(), g_a8.data(), Isa::Generic);
+    CHECK(std::memcmp(g_a8.data(), ref.data(), sizeof(float) * M * N) == 0,
+          "generic a8 vs int reference %s M=%lld N=%lld K=%lld", format_name(f), (long long)M, (long long)N, (long long)K);
+    gemm_f32(f, p.data(), N, K, x.data(), K, M, ws.data(), nullptr, g_f32.data(), Isa::Generic);
+
+    for (int i = 1; i < kNumIsas; ++i) {
+        const Isa isa = Isa(i);
+        if (!isa_supported(isa)) continue;
+        gemm_a8(f, p.data(), N, K, q.data(), K, xs.data(), qs.data(), M, ws.data(), bias.data(), o.data(), isa);
+        CHECK(std::memcmp(o.data(), g_a8.data(), sizeof(float) * M * N) == 0, "%s a8 vs generic %s M=%lld N=%lld K=%lld",
+              isa_name(isa), format_name(f), (long long)M, (long long)N, (long long)K);
+        gemm_f32(f, p.data(), N, K, x.data(), K, M, ws.data(), nullptr, o.data(), isa);
+        CHECK(std::memcmp(o.data(), g_f32.data(), sizeof(float) * M * N) == 0, "%s f32 vs generic %s M=%lld N=%lld K=%lld",
+              isa_name(isa), format_name(f), (long long)M, (long long)N, (long long)K);
+    }
+}
+
+int main() {
+    for (int i = 0; i < kNumIsas; ++i)
+        std::printf("isa %s: %s\n", isa_name(Isa(i)),
+                    isa_supported(Isa(i)) ? "ran" : isa_compiled(Isa(i)) ? "skipped (CPU lacks it)" : "skipped (not compiled for this target)");
+    test_t1_digits();
+    std::uniform_int_distribution<int> dm(1, 9), dn(1, 70), dk(1, 1200);
+    for (int fi = 0; fi < kNumFormats; ++fi) {
+        const Format f = Format(fi);
+        test_pack_roundtrip(f, 1, 1);
+        test_pack_roundtrip(f, 13, 333);
+        const int64_t fixed[][3] = {{1, 1, 1}, {1, 1, 5}, {4, 3, 1}, {1, 5, 127}, {2, 7, 129}, {5, 9, 161},
+                                    {1, 17, 255}, {6, 4, 257}, {3, 21, 320}, {1, 33, 1000}};
+        for (const auto& s : fixed) test_shape(f, s[0], s[1], s[2], false);
+        for (int t = 0; t < 12; ++t) test_shape(f, dm(rng), dn(rng), dk(rng), false);
+        test_shape(f, 1, 5, 16384, true);  // int16/int32 headroom at the largest K
+        test_shape(f, 4, 3, 16383, true);  // GEMM path, odd K
+    }
+    std::printf("%s (%d failures)\n", g_failures ? "FAILED" : "OK", g_failures);
+    return g_failures ? 1 : 0;
+}
