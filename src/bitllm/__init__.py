@@ -29,6 +29,7 @@ _LAZY = {
     "PackFormat": "bitllm.formats.packing",
     "save_pretrained": "bitllm.formats.checkpoint",
     "from_pretrained": "bitllm.formats.checkpoint",
+    "LLM": "bitllm.engine",
 }
 
 __all__ = ["BitLLMError", "FormatError", "QuantizationError", "UnsupportedModelError", "__version__", *_LAZY]

@@ -1,0 +1,178 @@
+// Vector helpers of the engine (see simd.h). Portable bodies use 8 independent partial sums so
+// that the compiler can vectorise them without reassociating (no -ffast-math anywhere).
+#include "simd.h"
+
+#include <cstring>
+
+#include "engine.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define BITLLM_X86 1
+#endif
+
+namespace bitllm {
+namespace engine {
+
+// ============================================================================================
+// Portable bodies
+// ============================================================================================
+
+static float hsum8(const float* l) {
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+static float dot_f32_portable(const float* a, const float* b, int64_t n) {
+    float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8)
+        for (int j = 0; j < 8; ++j) l[j] += a[k + j] * b[k + j];
+    float s = hsum8(l);
+    for (; k < n; ++k) s += a[k] * b[k];
+    return s;
+}
+
+#if defined(__aarch64__)
+using hw_half = __fp16;  // hardware conversion on every ARMv8 core
+static inline float h2f(uint16_t h) {
+    hw_half v;
+    std::memcpy(&v, &h, 2);
+    return (float)v;
+}
+#else
+static inline float h2f(uint16_t h) { return half_to_float(h); }
+#endif
+
+static float dot_f16_portable(const uint16_t* w, const float* x, int64_t n) {
+    float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8)
+        for (int j = 0; j < 8; ++j) l[j] += h2f(w[k + j]) * x[k + j];
+    float s = hsum8(l);
+    for (; k < n; ++k) s += h2f(w[k]) * x[k];
+    return s;
+}
+
+static float dot_i8_portable(const int8_t* w, const float* x, int64_t n) {
+    float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8)
+        for (int j = 0; j < 8; ++j) l[j] += (float)w[k + j] * x[k + j];
+    float s = hsum8(l);
+    for (; k < n; ++k) s += (float)w[k] * x[k];
+    return s;
+}
+
+static void axpy_portable(float a, const float* x, float* y, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+}
+
+static void f16_to_f32_portable(const uint16_t* w, float* out, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) out[k] = h2f(w[k]);
+}
+
+// ============================================================================================
+// x86: AVX2 + FMA + F16C twins
+// ============================================================================================
+#ifdef BITLLM_X86
+#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+
+AVX2_FN static float hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+AVX2_FN static float dot_f32_avx2(const float* a, const float* b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
+    }
+    for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+    float s = hsum256(_mm256_add_ps(s0, s1));
+    for (; k < n; ++k) s += a[k] * b[k];
+    return s;
+}
+
+AVX2_FN static float dot_f16_avx2(const uint16_t* w, const float* x, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + k)));
+        __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + k + 8)));
+        s0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), s0);
+        s1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), s1);
+    }
+    for (; k + 8 <= n; k += 8)
+        s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + k))), _mm256_loadu_ps(x + k), s0);
+    float s = hsum256(_mm256_add_ps(s0, s1));
+    for (; k < n; ++k) s += half_to_float(w[k]) * x[k];
+    return s;
+}
+
+AVX2_FN static float dot_i8_avx2(const int8_t* w, const float* x, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        __m128i b = _mm_loadu_si128((const __m128i*)(w + k));
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+        s0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), s0);
+        s1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), s1);
+    }
+    float s = hsum256(_mm256_add_ps(s0, s1));
+    for (; k < n; ++k) s += (float)w[k] * x[k];
+    return s;
+}
+
+AVX2_FN static void axpy_avx2(float a, const float* x, float* y, int64_t n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(y + k, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + k), _mm256_loadu_ps(y + k)));
+    for (; k < n; ++k) y[k] += a * x[k];
+}
+
+AVX2_FN static void f16_to_f32_avx2(const uint16_t* w, float* out, int64_t n) {
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(out + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + k))));
+    for (; k < n; ++k) out[k] = half_to_float(w[k]);
+}
+
+static bool has_avx2() {
+    static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c");
+    return ok;
+}
+#endif
+
+// ============================================================================================
+// Dispatch (decided once, by the CPU)
+// ============================================================================================
+#ifdef BITLLM_X86
+#define DISPATCH(fn, ...) return has_avx2() ? fn##_avx2(__VA_ARGS__) : fn##_portable(__VA_ARGS__)
+#else
+#define DISPATCH(fn, ...) return fn##_portable(__VA_ARGS__)
+#endif
+
+float dot_f32(const float* a, const float* b, int64_t n) { DISPATCH(dot_f32, a, b, n); }
+float dot_f16(const uint16_t* w, const float* x, int64_t n) { DISPATCH(dot_f16, w, x, n); }
+float dot_i8(const int8_t* w, const float* x, int64_t n) { DISPATCH(dot_i8, w, x, n); }
+void axpy(float a, const float* x, float* y, int64_t n) { DISPATCH(axpy, a, x, y, n); }
+void f16_to_f32(const uint16_t* w, float* out, int64_t n) { DISPATCH(f16_to_f32, w, out, n); }
+
+const char* simd_name() {
+#ifdef BITLLM_X86
+    return has_avx2() ? "avx2+fma+f16c" : "portable";
+#elif defined(__aarch64__)
+    return "neon (compiler)";
+#else
+    return "portable";
+#endif
+}
+
+}  // namespace engine
+}  // namespace bitllm

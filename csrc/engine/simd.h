@@ -1,0 +1,25 @@
+// Small vector helpers for the engine's own fp32 work (LM head, attention). Each has a portable
+// body; x86 builds add an AVX2+FMA+F16C twin picked once at run time, AArch64 uses NEON through
+// the compiler. None of them is on the bit-exact kernel path (csrc/kernels.h owns that).
+#pragma once
+
+#include <cstdint>
+
+namespace bitllm {
+namespace engine {
+
+// Σ_k a[k]·b[k]
+float dot_f32(const float* a, const float* b, int64_t n);
+// Σ_k half(w[k])·x[k]
+float dot_f16(const uint16_t* w, const float* x, int64_t n);
+// Σ_k w[k]·x[k], w int8
+float dot_i8(const int8_t* w, const float* x, int64_t n);
+// y[k] += a·x[k]
+void axpy(float a, const float* x, float* y, int64_t n);
+// out[k] = half(w[k]) (an embedding row)
+void f16_to_f32(const uint16_t* w, float* out, int64_t n);
+// "avx2+fma+f16c" or "portable": which of the above runs.
+const char* simd_name();
+
+}  // namespace engine
+}  // namespace bitllm

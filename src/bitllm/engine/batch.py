@@ -1,0 +1,163 @@
+"""Continuous batching: sequences join and leave a running batch between steps.
+
+The API the server and the eval tools build on: `add` a prompt with its own SamplingParams, call
+`step` (one forward over every live sequence: whole prompts for new ones, one token for the rest),
+`cancel` at any time. Backends (native engine, or the HF fallback) only run forwards.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence as Seq
+
+import numpy as np
+
+from bitllm.engine.sampling import SamplingParams, sample
+from bitllm.errors import BitLLMError
+
+
+class Backend(Protocol):
+    vocab: int
+    max_context: int
+
+    def open(self, capacity: int) -> int: ...
+    def close(self, slot: int) -> None: ...
+    def forward(self, slots: Seq[int], tokens: Seq[Seq[int]], all_logits: bool = False) -> np.ndarray: ...
+
+
+@dataclass
+class Sequence:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    slot: int | None = None
+    generated: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # tokens to feed at the next step
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    rng: np.random.Generator | None = None
+
+
+@dataclass
+class StepEvent:
+    seq_id: int
+    token: int | None
+    finished: bool
+    finish_reason: str | None
+
+
+class Batch:
+    """A running batch over one backend. Not thread-safe: drive it from one thread."""
+
+    def __init__(self, backend: Backend, *, eos_token_ids: Seq[int] = (), tokenizer=None) -> None:
+        self.backend = backend
+        self.eos = tuple(eos_token_ids)
+        self.tokenizer = tokenizer
+        self.seqs: dict[int, Sequence] = {}
+        self._next = 0
+        self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+
+    # -- membership ----------------------------------------------------------------------------
+
+    def add(self, prompt: Seq[int], params: SamplingParams | None = None) -> int:
+        """Queue a prompt (token ids); it is prefilled at the next step. Returns the sequence id."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt]
+        ctx = self.backend.max_context
+        if not prompt:
+            raise BitLLMError("empty prompt: give at least one token (e.g. the BOS token)")
+        if len(prompt) >= ctx:
+            raise BitLLMError(f"the prompt has {len(prompt)} tokens but the model's context is {ctx}: "
+                              f"shorten it to at most {ctx - 1} tokens (or raise max_context)")
+        bad = [t for t in prompt if not 0 <= t < self.backend.vocab]
+        if bad:
+            raise BitLLMError(f"token id {bad[0]} is outside the vocabulary (0..{self.backend.vocab - 1})")
+        if params.stop and self.tokenizer is None:
+            raise BitLLMError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
+        seq = Sequence(self._next, prompt, params, rng=np.random.default_rng(params.seed))
+        self._next += 1
+        self.seqs[seq.id] = seq
+        if params.max_new_tokens == 0:
+            seq.finished, seq.finish_reason = True, "length"
+            return seq.id
+        capacity = min(ctx, len(prompt) + params.max_new_tokens - 1)
+        seq.slot = self.backend.open(max(capacity, len(prompt)))
+        seq.pending = list(prompt)
+        return seq.id
+
+    def cancel(self, seq_id: int) -> None:
+        """Stop a sequence now and free its cache slot (its output so far stays readable)."""
+        seq = self.seqs[seq_id]
+        if not seq.finished:
+            self._finish(seq, "cancelled")
+
+    def release(self, seq_id: int) -> Sequence:
+        """Forget a (finished or cancelled) sequence and return it."""
+        self.cancel(seq_id)
+        return self.seqs.pop(seq_id)
+
+    @property
+    def live(self) -> list[Sequence]:
+        return [s for s in self.seqs.values() if not s.finished]
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finished, seq.finish_reason = True, reason
+        if seq.slot is not None:
+            self.backend.close(seq.slot)
+            seq.slot = None
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[StepEvent]:
+        """One forward over every live sequence; sample one token for each. Returns what happened."""
+        live = self.live
+        if not live:
+            return []
+        prefill = sum(len(s.pending) for s in live if not s.generated)
+        t0 = time.perf_counter()
+        logits = self.backend.forward([s.slot for s in live], [s.pending for s in live])  # (n, vocab)
+        events = []
+        for seq, row in zip(live, logits):
+            seen = np.asarray(seq.prompt + seq.generated, dtype=np.int64) if seq.params.repetition_penalty != 1.0 else np.empty(0, np.int64)
+            tok = sample(row, seq.params, seen, seq.rng)
+            seq.generated.append(tok)
+            seq.pending = [tok]
+            reason = self._stop_reason(seq, tok)
+            if reason:
+                self._finish(seq, reason)
+            events.append(StepEvent(seq.id, tok, seq.finished, seq.finish_reason))
+        dt = time.perf_counter() - t0
+        if prefill:
+            self.stats["prefill_tokens"] += prefill
+            self.stats["prefill_s"] += dt
+        else:
+            self.stats["decode_tokens"] += len(live)
+            self.stats["decode_s"] += dt
+        return events
+
+    def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+            return "stop"
+        if p.stop and any(s in self.text(seq, truncate=False) for s in p.stop):
+            return "stop"
+        if len(seq.generated) >= p.max_new_tokens or len(seq.prompt) + len(seq.generated) >= self.backend.max_context:
+            return "length"
+        return None
+
+    def text(self, seq: Sequence, truncate: bool = True) -> str:
+        """Decoded output, cut at the first stop string."""
+        if self.tokenizer is None:
+            return ""
+        t = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        if truncate and seq.params.stop:
+            cut = min((t.find(s) for s in seq.params.stop if s in t), default=-1)
+            if cut >= 0:
+                t = t[:cut]
+        return t
+
+    def run(self) -> None:
+        """Step until every sequence has finished."""
+        while self.live:
+            self.step()

@@ -1,0 +1,380 @@
+"""`bitllm.LLM`: load a packed model once, then generate, stream, chat and score.
+
+    llm = bitllm.LLM("path/or/hub-id", threads=2)
+    llm.generate("Once upon a time", max_new_tokens=32)
+    for piece in llm.stream("Hello"): print(piece, end="")
+    llm.loglikelihood([("The capital of France is", " Paris")])
+
+Llama, BitNet and Phi models run on the native C++ engine; other architectures run through the
+transformers model with bitllm's packed layers behind the same API (with a one-line notice).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence as Seq
+
+import numpy as np
+import torch
+
+from bitllm.engine.batch import Batch
+from bitllm.engine.sampling import SamplingParams
+from bitllm.errors import BitLLMError, UnsupportedModelError
+
+Prompt = str | Seq[int]
+
+
+# --- backends --------------------------------------------------------------------------------------
+
+
+class NativeBackend:
+    """The C++ engine (csrc/engine): KV cache slots and batched forwards."""
+
+    name = "native"
+
+    def __init__(self, engine, max_context: int) -> None:
+        self.engine = engine
+        self.vocab = int(engine.vocab)
+        self.max_context = int(max_context)
+
+    def open(self, capacity: int) -> int:
+        return self.engine.add_sequence(int(capacity))
+
+    def close(self, slot: int) -> None:
+        self.engine.remove_sequence(slot)
+
+    def forward(self, slots: Seq[int], tokens: Seq[Seq[int]], all_logits: bool = False) -> np.ndarray:
+        from bitllm import _engine
+
+        lens = [len(t) for t in tokens]
+        offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        flat = np.fromiter((x for t in tokens for x in t), dtype=np.int32, count=int(offsets[-1]))
+        out = np.empty((int(offsets[-1]) if all_logits else len(lens), self.vocab), dtype=np.float32)
+        try:
+            self.engine.forward(np.asarray(slots, dtype=np.int32), flat, offsets, all_logits, out)
+        except _engine.EngineError as e:
+            raise BitLLMError(str(e)) from None
+        return out
+
+
+class HFBackend:
+    """Fallback: the transformers model (with bitllm PackedLinear layers), one KV cache per slot."""
+
+    name = "hf"
+
+    def __init__(self, model, max_context: int) -> None:
+        self.model = model
+        self.vocab = int(model.config.get_text_config().vocab_size)
+        self.max_context = int(max_context)
+        self._caches: dict[int, Any] = {}
+        self._next = 0
+
+    def open(self, capacity: int) -> int:
+        slot = self._next
+        self._next += 1
+        self._caches[slot] = None
+        return slot
+
+    def close(self, slot: int) -> None:
+        self._caches.pop(slot, None)
+
+    @torch.inference_mode()
+    def forward(self, slots: Seq[int], tokens: Seq[Seq[int]], all_logits: bool = False) -> np.ndarray:
+        rows = []
+        for slot, toks in zip(slots, tokens):
+            cache = self._caches[slot]
+            past = 0 if cache is None else cache.get_seq_length()
+            ids = torch.tensor([list(toks)], dtype=torch.long)
+            pos = torch.arange(past, past + len(toks)).unsqueeze(0)
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=pos)
+            self._caches[slot] = out.past_key_values
+            lg = out.logits[0].float()
+            rows.append(lg if all_logits else lg[-1:])
+        logits = torch.cat(rows).numpy()
+        if not np.isfinite(logits).all():
+            raise BitLLMError("non-finite logits (NaN/inf) from the model: its weights or activations overflowed")
+        return logits
+
+
+# --- the API ---------------------------------------------------------------------------------------
+
+
+class Completion(str):
+    """The generated text (a str), with `.token_ids`, `.finish_reason` and `.prompt_tokens`."""
+
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+
+    def __new__(cls, text: str, token_ids: list[int], finish_reason: str | None, prompt_tokens: int):
+        obj = super().__new__(cls, text)
+        obj.token_ids, obj.finish_reason, obj.prompt_tokens = token_ids, finish_reason, prompt_tokens
+        return obj
+
+
+def _eos_ids(directory: Path | None, config) -> tuple[int, ...]:
+    ids: list = []
+    if directory is not None and (directory / "generation_config.json").exists():
+        ids = [json.loads((directory / "generation_config.json").read_text()).get("eos_token_id")]
+    if not ids or ids == [None]:
+        ids = [getattr(config.get_text_config(), "eos_token_id", None)]
+    flat: list[int] = []
+    for i in ids:
+        flat.extend(i if isinstance(i, list) else [i] if i is not None else [])
+    return tuple(int(i) for i in flat)
+
+
+def _load_tokenizer(directory: Path):
+    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # a broken tokenizer should not stop token-id use
+        print(f"bitllm: could not load the tokenizer in {directory} ({e}); token-id prompts only", file=sys.stderr)
+        return None
+
+
+class LLM:
+    """A loaded model. `backend`: "auto" (native engine when it supports the model, else transformers),
+    "native" or "hf". `head`: "f16" or "i8" (int8 per-row LM head, native only)."""
+
+    def __init__(self, model: str | os.PathLike, *, threads: int | None = None, head: str = "f16",
+                 kernel_format: str | None = None, max_context: int | None = None, backend: str = "auto",
+                 tokenizer: Any = None, revision: str | None = None, token: str | None = None,
+                 verbose: bool = False) -> None:
+        from bitllm.engine.loader import load_engine, read_config
+        from bitllm.formats.checkpoint import resolve_model_dir
+
+        if backend not in ("auto", "native", "hf"):
+            raise BitLLMError(f"backend must be 'auto', 'native' or 'hf', got {backend!r}")
+        self.threads = set_threads(threads)
+        self.directory = resolve_model_dir(model, revision, token)
+        self.config, _, _ = read_config(self.directory)
+        ctx = max_context or _context(self.config)
+        self.load_info: dict[str, Any] = {}
+        self.backend: NativeBackend | HFBackend | None = None
+        if backend in ("auto", "native"):
+            try:
+                eng, _, info = load_engine(self.directory, head=head, kernel_format=kernel_format)
+                self.backend = NativeBackend(eng, ctx)
+                self.load_info = info
+                if verbose:
+                    print(f"bitllm: loaded {self.directory} into the native engine in {info['load_s']:.2f} s "
+                          f"(read + repack; {info['weight_bytes'] / 2**20:.1f} MiB of weights)", file=sys.stderr)
+            except UnsupportedModelError as e:
+                if backend == "native":
+                    raise
+                print(f"bitllm: the native engine does not run this model ({e}); using transformers with bitllm's packed layers",
+                      file=sys.stderr)
+        if self.backend is None:
+            from bitllm.formats.checkpoint import from_pretrained
+
+            t0 = time.perf_counter()
+            self.backend = HFBackend(from_pretrained(self.directory), ctx)
+            self.load_info = {"load_s": time.perf_counter() - t0}
+        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.directory)
+        self.eos_token_ids = _eos_ids(self.directory, self.config)
+        self.last_stats: dict[str, float] = {}
+
+    @classmethod
+    def from_model(cls, model, *, tokenizer: Any = None, threads: int | None = None, head: str = "f16",
+                   kernel_format: str | None = None, max_context: int | None = None) -> "LLM":
+        """Wrap an in-memory model from bitllm.from_pretrained (native when supported, else transformers)."""
+        from bitllm.engine.loader import engine_from_model
+
+        self = cls.__new__(cls)
+        self.threads = set_threads(threads)
+        self.directory = None
+        self.config = model.config
+        ctx = max_context or _context(model.config)
+        try:
+            eng, _ = engine_from_model(model, head=head, kernel_format=kernel_format)
+            self.backend = NativeBackend(eng, ctx)
+        except UnsupportedModelError as e:
+            print(f"bitllm: the native engine does not run this model ({e}); using transformers", file=sys.stderr)
+            self.backend = HFBackend(model, ctx)
+        self.load_info = {}
+        self.tokenizer = tokenizer
+        self.eos_token_ids = _eos_ids(None, model.config)
+        self.last_stats = {}
+        return self
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def encode(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise BitLLMError(f"{self.directory or 'this model'} has no tokenizer: pass token-id lists instead of text")
+            return list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        return [int(t) for t in prompt]
+
+    def decode(self, ids: Seq[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def batch(self) -> Batch:
+        """A new running batch over this model (add / step / cancel)."""
+        return Batch(self.backend, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer)
+
+    @staticmethod
+    def sampling_params(**kwargs) -> SamplingParams:
+        return SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(self, prompts: Prompt | list[Prompt], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | Seq[str] | None = None, **kwargs) -> Completion | list[Completion]:
+        """Complete one prompt (text or token ids) or a list of them, all in one running batch."""
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+        plist = [prompts] if single else list(prompts)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, seed=seed, stop=stop or (), **kwargs)
+        b = self.batch()
+        ids = [b.add(self.encode(p), params) for p in plist]
+        b.run()
+        self.last_stats = dict(b.stats)
+        out = [Completion(b.text(b.seqs[i]), list(b.seqs[i].generated), b.seqs[i].finish_reason, len(b.seqs[i].prompt))
+               for i in ids]
+        return out[0] if single else out
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: str | Seq[str] | None = None, **kwargs) -> Iterator[str | int]:
+        """Yield the continuation piece by piece: text pieces with a tokenizer, token ids without."""
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, seed=seed, stop=stop or (), **kwargs)
+        b = self.batch()
+        sid = b.add(self.encode(prompt), params)
+        seq = b.seqs[sid]
+        emitted = 0
+        hold = max((len(s) for s in params.stop), default=1) - 1  # text that may still become a stop string
+        try:
+            while not seq.finished:
+                b.step()
+                if self.tokenizer is None:
+                    yield seq.generated[-1]
+                    continue
+                text = b.text(seq)
+                if text.endswith("\ufffd"):
+                    continue  # an incomplete UTF-8 character: wait for the next token
+                upto = len(text) if seq.finished else max(emitted, len(text) - hold)
+                if upto > emitted:
+                    yield text[emitted:upto]
+                    emitted = upto
+            if self.tokenizer is not None:
+                text = b.text(seq)
+                if len(text) > emitted:
+                    yield text[emitted:]
+        finally:
+            b.cancel(sid)
+            self.last_stats = dict(b.stats)
+            self.last_finish_reason = seq.finish_reason
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of `messages` under the tokenizer's chat template, ready for the assistant's turn."""
+        if self.tokenizer is None:
+            raise BitLLMError("chat needs a tokenizer with a chat template; this model has no tokenizer")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BitLLMError("this model's tokenizer has no chat template; use generate() with plain text")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def chat(self, messages: list[dict[str, str]], stream: bool = False, **kwargs):
+        """Answer the last user message. stream=True yields text pieces; else returns a Completion."""
+        ids = self.chat_ids(messages)
+        return self.stream(ids, **kwargs) if stream else self.generate(ids, **kwargs)
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def loglikelihood(self, requests: Iterable[tuple[Prompt, Prompt]], max_batch_tokens: int = 1024
+                      ) -> list[tuple[float, bool]]:
+        """Teacher-forced log P(continuation | context) and whether it is the greedy continuation,
+        for each (context, continuation) pair (text or token ids), scored in batches."""
+        pairs = []
+        for ctx, cont in requests:
+            if isinstance(ctx, str) and isinstance(cont, str):
+                whole = self.encode(ctx + cont)
+                c_ids = self.encode(ctx) if ctx else []
+                n_ctx = len(c_ids)
+                if whole[:n_ctx] != c_ids:  # the join re-tokenized: fall back to separate encodings
+                    whole = c_ids + self.encode(cont, add_special_tokens=False)
+                ctx_ids, cont_ids = whole[:n_ctx], whole[n_ctx:]
+            else:
+                ctx_ids, cont_ids = self.encode(ctx), self.encode(cont, add_special_tokens=False)
+            if not cont_ids:
+                raise BitLLMError("empty continuation: nothing to score")
+            if not ctx_ids:
+                bos = getattr(self.config.get_text_config(), "bos_token_id", None)
+                if bos is None:
+                    raise BitLLMError("empty context and the model has no BOS token to condition on")
+                ctx_ids = [int(bos)]
+            toks = ctx_ids + cont_ids
+            if len(toks) > self.backend.max_context:
+                raise BitLLMError(f"context + continuation is {len(toks)} tokens; the model's context is {self.backend.max_context}")
+            pairs.append((toks, len(ctx_ids)))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+        i = 0
+        while i < len(pairs):
+            j, total = i, 0
+            while j < len(pairs) and (j == i or total + len(pairs[j][0]) <= max_batch_tokens):
+                total += len(pairs[j][0])
+                j += 1
+            chunk = pairs[i:j]
+            slots = [self.backend.open(len(t)) for t, _ in chunk]
+            try:
+                logits = self.backend.forward(slots, [t for t, _ in chunk], all_logits=True)  # (total, vocab)
+            finally:
+                for s in slots:
+                    self.backend.close(s)
+            row = 0
+            for k, (toks, n_ctx) in enumerate(chunk):
+                lg = logits[row + n_ctx - 1: row + len(toks) - 1].astype(np.float64)  # predicts toks[n_ctx:]
+                target = np.asarray(toks[n_ctx:])
+                m = lg.max(axis=1, keepdims=True)
+                logp = lg - m - np.log(np.exp(lg - m).sum(axis=1, keepdims=True))
+                results[i + k] = (float(logp[np.arange(len(target)), target].sum()),
+                                  bool((lg.argmax(axis=1) == target).all()))
+                row += len(toks)
+            i = j
+        return results
+
+
+def _context(config) -> int:
+    c = config.get_text_config()
+    return int(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048)
+
+
+def set_threads(threads: int | None) -> int:
+    """Threads for the engine, the kernels and torch (default: every CPU this process may use)."""
+    if not threads:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = max(1, int(threads))
+    try:
+        from bitllm import _engine
+
+        _engine.set_num_threads(n)
+    except ImportError:
+        pass
+    try:
+        from bitllm import _core
+
+        _core.set_num_threads(n)
+    except (ImportError, AttributeError):
+        pass
+    torch.set_num_threads(n)
+    return n

@@ -1,0 +1,81 @@
+"""Sampling settings and the sampler: small pure functions over one logits row (numpy, fp32)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bitllm.errors import BitLLMError
+
+
+@dataclass
+class SamplingParams:
+    """Per-sequence generation settings. temperature 0 = greedy (argmax)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (CTRL rule)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings (need a tokenizer)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop or ())
+        self.stop_token_ids = tuple(self.stop_token_ids or ())
+        if self.max_new_tokens < 0:
+            raise BitLLMError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise BitLLMError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise BitLLMError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise BitLLMError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise BitLLMError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """transformers' rule: a seen token's logit is divided by `penalty` if positive, multiplied if negative."""
+    if penalty == 1.0 or seen.size == 0:
+        return logits
+    logits = logits.copy()
+    v = logits[seen]
+    logits[seen] = np.where(v > 0, v / penalty, v * penalty)
+    return logits
+
+
+def filter_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """-inf outside the top-k tokens and outside the smallest set whose probability reaches top_p."""
+    if top_k and top_k < logits.size:
+        kth = np.partition(logits, -top_k)[-top_k]
+        logits = np.where(logits < kth, -np.inf, logits)
+    if top_p < 1.0:
+        order = np.argsort(-logits, kind="stable")
+        p = softmax(logits[order])
+        keep = np.cumsum(p) - p < top_p  # keep a token while the mass before it is below top_p
+        mask = np.full(logits.shape, -np.inf, dtype=logits.dtype)
+        mask[order[keep]] = 0.0
+        logits = logits + mask
+    return logits
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x))
+    return e / e.sum()
+
+
+def sample(logits: np.ndarray, params: SamplingParams, seen: np.ndarray, rng: np.random.Generator) -> int:
+    """One token id from one logits row."""
+    logits = apply_repetition_penalty(logits.astype(np.float32, copy=False), seen, params.repetition_penalty)
+    if params.temperature == 0.0:
+        return int(np.argmax(logits))
+    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    p = softmax(logits.astype(np.float64))
+    return int(rng.choice(p.size, p=p))
