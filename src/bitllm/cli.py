@@ -64,11 +64,40 @@ def train(
 @app.command()
 def demo(
     output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Where the demo writes its files."),
+    minutes: float = typer.Option(6.0, help="Time budget for the whole demo; both models get the same steps."),
 ) -> None:
-    """Quantize a tiny model, pack it in every format, reload it and generate from it."""
+    """Train a 1.58-bit model and its full-precision twin from scratch on the bundled corpus and compare them."""
     from bitllm.demo import run_demo
 
-    run_demo(output)
+    run_demo(output, minutes=minutes)
+
+
+@app.command("export")
+def export(
+    model: str = typer.Argument(..., help="bitllm ternary checkpoint: local directory or hub id."),
+    gguf: str = typer.Option("tq2_0", "--gguf", help="tq2_0 | tq1_0 | f16"),
+    output: Path = typer.Option(..., "--output", "-o", help="The .gguf file to write (atomically)."),
+    embed_type: str = typer.Option("f16", help="Token embedding type: f16 | f32 | q8_0."),
+    head_type: Optional[str] = typer.Option(None, help="LM head type (untied heads): f16 | f32 | q8_0; default embed-type."),
+) -> None:
+    """Export a ternary model as a GGUF file that llama.cpp, LM Studio and llamafile run."""
+    from bitllm.formats.gguf_io import export_gguf
+
+    out = export_gguf(model, output, gguf, embed_type=embed_type, head_type=head_type)
+    console.print(f"[green]wrote[/green] {out} ({out.stat().st_size:,} bytes)")
+
+
+@app.command("import")
+def import_(
+    file: Path = typer.Argument(..., help="A llama/bitnet GGUF file with TQ1_0, TQ2_0 or F16/F32 ternary weights."),
+    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write (atomically)."),
+    format: str = typer.Option("i2", "--format", "-f", help="i2 | t1"),
+) -> None:
+    """Import a ternary GGUF file as a bitllm checkpoint (exact for ternary data)."""
+    from bitllm.formats.gguf_io import import_gguf
+
+    out = import_gguf(file, output, format)
+    console.print(f"[green]wrote[/green] {out}")
 
 
 def main() -> None:

@@ -60,3 +60,27 @@ def tiny_model(family: str, seed: int = 0, embed_std: float | None = None, **kwa
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0.0, embed_std)
     return model.eval()
+
+
+_TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A ternary weight is minus one, zero or one. "
+    "Binary weights are plus or minus one. Shall I compare thee to a summer's day? Thou art more lovely "
+    "and more temperate. In the beginning was the word, and the word was with the model. 0123456789 "
+)
+
+
+def tiny_tokenizer(vocab_size: int = 320, text: str = _TINY_TEXT):
+    """A byte-level BPE tokenizer (GPT-2 pre-tokenization) trained on a few sentences, as a
+    PreTrainedTokenizerFast with <pad>=0, <s>=1, </s>=2. Its vocabulary is at least 259."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tk.train_from_iterator([text] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
