@@ -78,24 +78,31 @@ inline __m256i b1_block_dot(__m256i v, const int8_t* q) {
     return s;
 }
 
+// GEMV accumulation per format: `acc` adds one block into the int16 accumulator `a` (a second
+// one, `b`, summed in after a right shift by kShiftB, is there for layouts with scaled planes),
+// widened to int32 every kGroup blocks. (Tried for I2: planes 1 and 3 as `v & 0x0C` into `b` to
+// save two shifts per block — measured 8 % slower on Zen 3, so I2 keeps three shifts.)
 template <Format F>
 struct Fmt;
 template <>
 struct Fmt<Format::I2> {
     static constexpr int kW = kI2Weights;
-    static __m256i dot(__m256i v, const int8_t* q) { return i2_block_dot(v, q); }
+    static constexpr int kGroup = 8, kShiftB = 0;  // 8 x 2048 < 2^15
+    static void acc(__m256i v, const int8_t* q, __m256i& a, __m256i&) { a = _mm256_add_epi16(a, i2_block_dot(v, q)); }
     static int32_t finish(int32_t s, int32_t qsum) { return s - qsum; }  // Σ(code-1)q
 };
 template <>
 struct Fmt<Format::T1> {
     static constexpr int kW = kT1Weights;
-    static __m256i dot(__m256i v, const int8_t* q) { return t1_block_dot(v, q); }
+    static constexpr int kGroup = 8, kShiftB = 0;  // 8 x 2560 < 2^15
+    static void acc(__m256i v, const int8_t* q, __m256i& a, __m256i&) { a = _mm256_add_epi16(a, t1_block_dot(v, q)); }
     static int32_t finish(int32_t s, int32_t qsum) { return s - qsum; }
 };
 template <>
 struct Fmt<Format::B1> {
     static constexpr int kW = kB1Weights;
-    static __m256i dot(__m256i v, const int8_t* q) { return b1_block_dot(v, q); }
+    static constexpr int kGroup = 8, kShiftB = 0;  // 8 x 2048 < 2^15
+    static void acc(__m256i v, const int8_t* q, __m256i& a, __m256i&) { a = _mm256_add_epi16(a, b1_block_dot(v, q)); }
     static int32_t finish(int32_t s, int32_t qsum) { return qsum - 2 * s; }  // Σ(1-2c)q
 };
 
@@ -141,27 +148,35 @@ void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
     }
 }
 
-// Σ codes·q over Kp (a multiple of 32), exact in int32. Widening every 8 vectors keeps int16 safe.
-inline int32_t dot_codes(const uint8_t* c, const int8_t* q, int64_t Kp) {
+// Σ codes·q over Kp (a multiple of 32) for 4 code rows against one activation row (the q loads
+// are shared), exact in int32. Widening every 8 vectors keeps int16 safe (8 x 512 < 2^15).
+inline void dot_codes4(const uint8_t* c, int64_t ldc, const int8_t* q, int64_t Kp, int32_t* res) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc = _mm256_setzero_si256();
+    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
     int64_t k = 0;
     while (k < Kp) {
-        __m256i s = _mm256_setzero_si256();
+        __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
         const int64_t end = std::min<int64_t>(Kp, k + 8 * 32);
-        for (; k < end; k += 32) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(load(c + k), load(q + k)));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
+        for (; k < end; k += 32) {
+            const __m256i qv = load(q + k);
+            for (int r = 0; r < 4; ++r) s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(load(c + r * ldc + k), qv));
+        }
+        for (int r = 0; r < 4; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s[r], ones));
     }
-    return hsum_epi32(acc);
+    for (int r = 0; r < 4; ++r) res[r] = hsum_epi32(acc[r]);
 }
 
 // ============================================================================================
 // A8 kernels
 // ============================================================================================
 
+constexpr int64_t kPrefetchBytes = 4096;
+
 // R rows at once against one activation row: R independent DRAM streams, shared activation loads.
 template <Format F, int R>
 inline void gemv_rows(const PackedView& w, const int8_t* q, int64_t n, int32_t* res) {
+    // int16 accumulation over Fmt<F>::kGroup blocks (bounds above), then one widening to int32.
+    constexpr int kGroup = Fmt<F>::kGroup;
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t nb = w.Kp / Fmt<F>::kW;
     const uint8_t* rows[R];
@@ -170,11 +185,23 @@ inline void gemv_rows(const PackedView& w, const int8_t* q, int64_t n, int32_t* 
         rows[r] = w.data + (n + r) * w.row_bytes;
         acc[r] = _mm256_setzero_si256();
     }
-    for (int64_t b = 0; b < nb; ++b) {
-        const int8_t* qb = q + Fmt<F>::kW * b;
+    const char* pf = (const char*)(w.data + n * w.row_bytes) + kPrefetchBytes;  // R rows are contiguous
+    const int64_t pf_end = R * w.row_bytes;
+    for (int64_t b0 = 0; b0 < nb; b0 += kGroup) {
+        const int64_t b1 = std::min<int64_t>(nb, b0 + kGroup);
+        __m256i s16[R], t16[R];
+        for (int r = 0; r < R; ++r) s16[r] = t16[r] = _mm256_setzero_si256();
+        for (int64_t b = b0; b < b1; ++b) {
+            const int8_t* qb = q + Fmt<F>::kW * b;
+            // Software prefetch of the rows after this tile: rows are short (K/4 bytes for I2), so
+            // a tile is a few KB and the hardware prefetcher alone ramps up too late.
+            for (int64_t o = 64 * b * R / 2; o < std::min<int64_t>(pf_end, 64 * (b + 1) * R / 2); o += 64)
+                _mm_prefetch(pf + o, _MM_HINT_T0);
+            for (int r = 0; r < R; ++r) Fmt<F>::acc(load(rows[r] + 32 * b), qb, s16[r], t16[r]);
+        }
         for (int r = 0; r < R; ++r) {
-            // (no software prefetch: the hardware stream prefetcher keeps up with R sequential rows)
-            const __m256i s = Fmt<F>::dot(load(rows[r] + 32 * b), qb);
+            __m256i s = s16[r];
+            if constexpr (Fmt<F>::kShiftB > 0) s = _mm256_add_epi16(s, _mm256_srai_epi16(t16[r], Fmt<F>::kShiftB));
             acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s, ones));
         }
     }
@@ -204,16 +231,15 @@ void a8_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const fl
     }
     // GEMM: decode a tile of rows once into codes (L1/L2-resident), reuse it for every m.
     constexpr int R = 4;
-    std::vector<uint8_t> codes((size_t)(R * w.Kp));  // (R, Kp)
+    std::vector<uint8_t> codes((size_t)(R * w.Kp), 1);  // (R, Kp); rows past n1 stay code 1 (w = 0)
     for (int64_t n = n0; n < n1; n += R) {
         const int rn = (int)std::min<int64_t>(R, n1 - n);
         for (int r = 0; r < rn; ++r) decode_codes(F, w.data + (n + r) * w.row_bytes, w.Kp, &codes[r * w.Kp]);
         for (int64_t m = 0; m < a.M; ++m) {
-            const int8_t* q = a.q + m * a.ldq;
-            for (int r = 0; r < rn; ++r) {
-                const int32_t s = dot_codes(&codes[r * w.Kp], q, w.Kp) - a.qsum[m];
-                out[m * w.N + n + r] = a8_epilogue(s, a.xscale[m], wscale[n + r], bias, n + r);
-            }
+            int32_t s[R];
+            dot_codes4(codes.data(), w.Kp, a.q + m * a.ldq, w.Kp, s);
+            for (int r = 0; r < rn; ++r)
+                out[m * w.N + n + r] = a8_epilogue(s[r] - a.qsum[m], a.xscale[m], wscale[n + r], bias, n + r);
         }
     }
 }
