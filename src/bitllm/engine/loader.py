@@ -196,8 +196,8 @@ def _np(t: torch.Tensor, dtype) -> np.ndarray:
     return np.ascontiguousarray(t.detach().to(dtype).cpu().numpy())
 
 
-def iter_tensors(spec: EngineSpec, src: _Source, config: dict[str, str]) -> Iterator[tuple[str, np.ndarray]]:
-    """(engine name, array) for every tensor the engine needs, one at a time."""
+def iter_tensors(spec: EngineSpec, src: _Source, config: dict[str, str]) -> Iterator[tuple[str, np.ndarray, str]]:
+    """(engine name, array, checkpoint key) for every tensor the engine needs, one at a time."""
     tied = config["tied"] == "1"
     for name, key in spec.plain.items():
         if name == "head.w":
@@ -213,7 +213,7 @@ def iter_tensors(spec: EngineSpec, src: _Source, config: dict[str, str]) -> Iter
         t = src.get(key)
         if t.dtype not in FLOATS:
             raise FormatError(f"{src.where(key)}: tensor {key!r} has dtype {t.dtype}, expected a float type")
-        yield name, _np(t, torch.float16 if name in ("embed", "head.w") else torch.float32)
+        yield name, _np(t, torch.float16 if name in ("embed", "head.w") else torch.float32), key
     for eng, mod in spec.linears.items():
         for part, suffix in _LINEAR_PARTS.items():
             key = f"{mod}.{part}"
@@ -226,14 +226,14 @@ def iter_tensors(spec: EngineSpec, src: _Source, config: dict[str, str]) -> Iter
 
                     if spec.online:
                         w_int, gamma = ternarize(t)
-                        yield f"{eng}.scale", _np(gamma.reshape(1), torch.float32)
+                        yield f"{eng}.scale", _np(gamma.reshape(1), torch.float32), key
                     else:  # autobitlinear may store unpacked ternary floats
                         if not torch.isin(t.float(), torch.tensor([-1.0, 0.0, 1.0])).all():
                             raise FormatError(f"{src.where(key)}: tensor {key!r} is unpacked but not ternary")
                         w_int = t.to(torch.int8)
-                    yield f"{eng}.weight", _np(w_int, torch.int8)
+                    yield f"{eng}.weight", _np(w_int, torch.int8), key
                 elif t.dtype == torch.uint8:
-                    yield f"{eng}.weight", t.numpy() if t.is_contiguous() else _np(t, torch.uint8)
+                    yield f"{eng}.weight", t.numpy() if t.is_contiguous() else _np(t, torch.uint8), key
                 else:
                     raise FormatError(f"{src.where(key)}: tensor {key!r} has dtype {t.dtype}, expected uint8")
             elif part == "weight_scale":
@@ -242,9 +242,9 @@ def iter_tensors(spec: EngineSpec, src: _Source, config: dict[str, str]) -> Iter
                 s = t.float()
                 if spec.scale_is_inverse:
                     s = 1.0 / s  # transformers' "bitlinear" stores 1/mean|W| and divides
-                yield f"{eng}.scale", _np(s.reshape(-1), torch.float32)
+                yield f"{eng}.scale", _np(s.reshape(-1), torch.float32), key
             else:
-                yield f"{eng}.{suffix}", _np(t.reshape(-1), torch.float32)
+                yield f"{eng}.{suffix}", _np(t.reshape(-1), torch.float32), key
     ignorable = ("rotary_emb.inv_freq",)
     extra = sorted(k for k in src.keys - src.used if not k.endswith(ignorable))
     if extra:
@@ -324,8 +324,14 @@ def _build(config: dict[str, str], spec: EngineSpec, src: _Source):
 
     try:
         eng = _engine.Engine(config)
-        for name, arr in iter_tensors(spec, src, config):
+    except _engine.EngineError as e:
+        raise UnsupportedModelError(str(e)) from None
+    for name, arr, key in iter_tensors(spec, src, config):
+        try:
             eng.set_tensor(name, arr)
+        except _engine.EngineError as e:
+            raise FormatError(f"{src.where(key)}: tensor {key!r}: {e}") from None
+    try:
         eng.finalize()
     except _engine.EngineError as e:
         raise FormatError(str(e)) from None
@@ -348,7 +354,7 @@ def export_engine_file(source, path: str | Path, *, head: str = "f16", kernel_fo
     cfg, qc, _ = read_config(directory)
     eng_spec = engine_spec(cfg, qc, str(directory / "config.json"))
     config = _options(eng_spec.config, head, kernel_format)
-    tensors = dict(iter_tensors(eng_spec, _dir_source(directory), config))
+    tensors = {name: arr for name, arr, _ in iter_tensors(eng_spec, _dir_source(directory), config)}
     meta = dict(config)
     meta.update(metadata or {})
     path = Path(path)

@@ -1,0 +1,247 @@
+"""bitllm.LLM and the running-batch API: generate / stream / chat / add-step-cancel / loglikelihood,
+the transformers fallback, and bad input (unsupported config fields, long prompts, NaN logits,
+corrupt weights)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import bitllm
+from bitllm.engine import LLM, SamplingParams
+from bitllm.engine.golden import _scaled_tiny, hf_greedy, kernel_mode
+from bitllm.engine.sampling import apply_repetition_penalty, filter_top_k_top_p
+from bitllm.errors import BitLLMError, FormatError, UnsupportedModelError
+from bitllm.formats.checkpoint import from_pretrained, save_pretrained
+from bitllm.quant.config import config_for
+
+VOCAB = 300
+TEXT = ("the quick brown fox jumps over the lazy dog. a bit of text to learn merges from, "
+        "with some words repeated: model, models, modelling, bits, bytes, ternary, binary. ") * 4
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _save(directory, family="llama", method="ternary-wo", fmt="i2", tokenizer=None, mutate=None, seed=0):
+    model = _scaled_tiny(family, seed, 64, VOCAB)
+    if mutate:
+        mutate(model)
+    bitllm.quantize_(model, config_for(method))
+    return save_pretrained(model, directory, fmt, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("api") / "m", tokenizer=_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def llm(text_model):
+    return LLM(text_model, threads=1)
+
+
+# --- generation ------------------------------------------------------------------------------------
+
+
+def test_generate_text_and_ids(llm):
+    out = llm.generate("the quick brown", max_new_tokens=12, ignore_eos=True)
+    assert isinstance(out, str) and len(out.token_ids) == 12 and out.finish_reason == "length"
+    assert out == llm.decode(out.token_ids)
+    ids = llm.encode("the quick brown")
+    again = llm.generate(ids, max_new_tokens=12, ignore_eos=True)  # token-id prompts give the same
+    assert again.token_ids == out.token_ids
+    both = llm.generate(["the quick brown", "a bit of"], max_new_tokens=12, ignore_eos=True)
+    assert both[0].token_ids == out.token_ids and len(both) == 2
+
+
+def test_stream_matches_generate_and_stop_strings(llm):
+    full = llm.generate("the lazy", max_new_tokens=16, ignore_eos=True)
+    pieces = list(llm.stream("the lazy", max_new_tokens=16, ignore_eos=True))
+    assert "".join(pieces) == full and len(pieces) > 1
+    stop = full[3:6]
+    assert stop and stop in full
+    cut = llm.generate("the lazy", max_new_tokens=16, ignore_eos=True, stop=[stop])
+    assert cut.finish_reason == "stop" and cut == full[: full.find(stop)]
+    assert "".join(llm.stream("the lazy", max_new_tokens=16, ignore_eos=True, stop=[stop])) == cut
+
+
+def test_chat_uses_the_template(llm):
+    msgs = [{"role": "user", "content": "hello model"}]
+    ids = llm.chat_ids(msgs)
+    assert llm.tokenizer.decode(ids).endswith("<|assistant|>")
+    assert llm.chat(msgs, max_new_tokens=8, ignore_eos=True) == llm.generate(ids, max_new_tokens=8, ignore_eos=True)
+    assert "".join(llm.chat(msgs, stream=True, max_new_tokens=8, ignore_eos=True)) == llm.chat(msgs, max_new_tokens=8, ignore_eos=True)
+
+
+def test_sampling_seeded_and_topk1_is_greedy(llm):
+    greedy = llm.generate("bits", max_new_tokens=10, ignore_eos=True).token_ids
+    assert llm.generate("bits", max_new_tokens=10, temperature=0.8, top_k=1, seed=3, ignore_eos=True).token_ids == greedy
+    a = llm.generate("bits", max_new_tokens=10, temperature=1.5, top_p=0.95, seed=7, ignore_eos=True).token_ids
+    b = llm.generate("bits", max_new_tokens=10, temperature=1.5, top_p=0.95, seed=7, ignore_eos=True).token_ids
+    assert a == b
+    rp = llm.generate("bits", max_new_tokens=10, repetition_penalty=1.3, ignore_eos=True)
+    assert len(rp.token_ids) == 10
+
+
+def test_sampling_filters():
+    x = np.array([1.0, 3.0, 2.0, -1.0], dtype=np.float32)
+    assert np.isinf(filter_top_k_top_p(x, 2, 1.0)[[0, 3]]).all()
+    assert np.isfinite(filter_top_k_top_p(x, 0, 0.5)).sum() == 1  # the top token alone holds > 50 %
+    np.testing.assert_allclose(apply_repetition_penalty(x, np.array([1, 3]), 2.0), [1.0, 1.5, 2.0, -2.0])
+
+
+def test_batch_add_step_cancel(llm):
+    """Sequences join and leave between steps; per-sequence settings; cancel frees the cache slot."""
+    solo = llm.generate("the quick", max_new_tokens=10, ignore_eos=True).token_ids
+    b = llm.batch()
+    eng = llm.backend.engine
+    base = eng.num_sequences()
+    a = b.add(llm.encode("the quick"), SamplingParams(max_new_tokens=10, ignore_eos=True))
+    c = b.add(llm.encode("a bit of text"), SamplingParams(max_new_tokens=50, temperature=1.0, seed=1, ignore_eos=True))
+    ev = b.step()
+    assert {e.seq_id for e in ev} == {a, c} and eng.num_sequences() == base + 2
+    b.step()
+    d = b.add(llm.encode("the quick"), SamplingParams(max_new_tokens=10, ignore_eos=True))  # joins mid-run
+    b.step()
+    b.cancel(c)
+    assert b.seqs[c].finish_reason == "cancelled" and eng.num_sequences() == base + 2
+    b.run()
+    assert b.seqs[a].generated == solo and b.seqs[d].generated == solo
+    assert eng.num_sequences() == base
+
+
+def test_eos_stops(llm):
+    eos = llm.eos_token_ids[0]
+    b = llm.batch()
+    s = b.add(llm.encode("the"), SamplingParams(max_new_tokens=40, stop_token_ids=(llm.generate("the", max_new_tokens=3, ignore_eos=True).token_ids[2],)))
+    b.run()
+    assert b.seqs[s].finish_reason == "stop" and len(b.seqs[s].generated) <= 3
+    assert eos == 2
+
+
+# --- scoring -------------------------------------------------------------------------------------
+
+
+def test_loglikelihood_matches_hf_reference(text_model, llm):
+    ref = from_pretrained(text_model)
+    pairs = [([1, 5, 9, 13], [21, 40, 7]), ([1, 44], [3, 3, 3, 9, 10]), ([1] + list(range(60, 90)), [91])]
+    got = llm.loglikelihood(pairs, max_batch_tokens=20)  # forces two batches
+    with kernel_mode("reference"), torch.inference_mode():
+        for (ctx, cont), (lp, greedy) in zip(pairs, got):
+            logits = ref(torch.tensor([ctx + cont])).logits[0].double()
+            logp = torch.log_softmax(logits, -1)[len(ctx) - 1: -1]
+            want = float(logp[torch.arange(len(cont)), torch.tensor(cont)].sum())
+            assert lp == pytest.approx(want, abs=1e-3)
+            assert greedy == bool((logits[len(ctx) - 1: -1].argmax(-1) == torch.tensor(cont)).all())
+    text = llm.loglikelihood([("the quick brown", " fox"), ("", "the")])
+    assert all(lp < 0 for lp, _ in text)
+
+
+# --- fallback ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gpt2"])
+def test_fallback_runs_through_transformers(tmp_path, capfd, family):
+    from bitllm.tiny import tiny_model
+
+    model = tiny_model(family, seed=0)
+    bitllm.quantize_(model, config_for("ternary"))
+    d = save_pretrained(model, tmp_path / family, "t1")
+    llm = LLM(d, threads=1)
+    err = capfd.readouterr().err
+    assert llm.backend_name == "hf" and "native engine does not run this model" in err and len(err.strip().splitlines()) == 1
+    out = llm.generate([1, 5, 9], max_new_tokens=6, ignore_eos=True)
+    with kernel_mode("native"):
+        toks, _ = hf_greedy(from_pretrained(d), [1, 5, 9], 6)
+    assert out.token_ids == toks
+    (lp, _), = llm.loglikelihood([([1, 5, 9], toks[:2])])
+    assert np.isfinite(lp)
+    with pytest.raises(UnsupportedModelError, match="model_type"):
+        LLM(d, backend="native")
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+def _edit_config(directory, **fields):
+    p = directory / "config.json"
+    cfg = json.loads(p.read_text())
+    for k, v in fields.items():
+        cfg[k] = v
+    p.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("family,field,value", [
+    ("llama", "rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    ("llama", "hidden_act", "gelu_fast"),
+    ("phi", "qk_layernorm", True),
+])
+def test_unsupported_config_field_is_named(tmp_path, family, field, value):
+    d = _save(tmp_path / "m", family=family)
+    _edit_config(d, **{field: value})
+    with pytest.raises(UnsupportedModelError, match=field.split(".")[0]):
+        LLM(d, backend="native")
+
+
+def test_prompt_longer_than_context(text_model):
+    llm = LLM(text_model, threads=1, max_context=16)
+    with pytest.raises(BitLLMError, match="context is 16"):
+        llm.generate(list(range(3, 40)), max_new_tokens=4)
+    out = llm.generate(list(range(3, 12)), max_new_tokens=50, ignore_eos=True)  # stops at the context
+    assert out.finish_reason == "length" and len(out.token_ids) == 16 - 9
+    with pytest.raises(BitLLMError, match="outside the vocabulary"):
+        llm.generate([VOCAB + 5], max_new_tokens=2)
+
+
+def test_nan_logits_are_reported(tmp_path):
+    def blow_up(model):
+        with torch.no_grad():
+            model.model.norm.weight.fill_(3e38)  # finite in the file, overflows to inf in the head
+
+    llm = LLM(_save(tmp_path / "m", mutate=blow_up), threads=1)
+    with pytest.raises(BitLLMError, match="non-finite logits"):
+        llm.generate([1, 2, 3], max_new_tokens=2)
+
+
+def test_corrupt_packed_weight_names_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = _save(tmp_path / "m", method="ternary", fmt="t1")
+    f = d / "model.safetensors"
+    tensors = load_file(f)
+    from safetensors import safe_open
+
+    with safe_open(f, "pt") as h:
+        meta = h.metadata()
+    key = "model.layers.1.mlp.up_proj.weight"
+    tensors[key][3, 2] = 250  # > 242: not a base-3 byte
+    save_file(tensors, f, metadata=meta)
+    with pytest.raises(FormatError, match="up_proj"):
+        LLM(d, backend="native")
+
+
+def test_tokenizer_free_model_takes_ids_only(tmp_path):
+    llm = LLM(_save(tmp_path / "m"), threads=1)
+    assert llm.tokenizer is None
+    assert len(llm.generate([1, 2, 3], max_new_tokens=3, ignore_eos=True).token_ids) == 3
+    assert all(isinstance(t, int) for t in llm.stream([1, 2, 3], max_new_tokens=3, ignore_eos=True))
+    with pytest.raises(BitLLMError, match="no tokenizer"):
+        llm.generate("text", max_new_tokens=2)
