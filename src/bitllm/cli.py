@@ -100,6 +100,85 @@ def import_(
     console.print(f"[green]wrote[/green] {out}")
 
 
+@app.command()
+def run(
+    model: str = typer.Argument(..., help="Packed model: local directory or hub id."),
+    prompt: str = typer.Argument(..., help="Prompt text (with --ids: comma-separated token ids)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    repetition_penalty: float = typer.Option(1.0, help="> 1 discourages repeats."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: all)."),
+    head: str = typer.Option("f16", help="LM head precision: f16 | i8 (int8 per row)."),
+    ids: bool = typer.Option(False, "--ids", help="PROMPT is comma-separated token ids (models without a tokenizer)."),
+) -> None:
+    """Stream the continuation of PROMPT, then print prefill and decode speed."""
+    from bitllm.engine import LLM
+
+    llm = LLM(model, threads=threads, head=head, verbose=True)
+    p = [int(x) for x in prompt.split(",") if x.strip()] if ids else prompt
+    for piece in llm.stream(p, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed):
+        sys.stdout.write(piece if isinstance(piece, str) else f"{piece} ")
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = llm.last_stats
+    rate = lambda n, t: n / t if t > 0 else float("nan")  # noqa: E731
+    console.print(f"[dim]{llm.backend_name} backend, {llm.threads} thread(s): prefill {s['prefill_tokens']} tokens "
+                  f"{rate(s['prefill_tokens'], s['prefill_s']):.1f} tok/s, decode {s['decode_tokens']} tokens "
+                  f"{rate(s['decode_tokens'], s['decode_s']):.1f} tok/s[/dim]")
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="Packed model with a tokenizer: local directory or hub id."),
+    system: Optional[str] = typer.Option(None, help="System message."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Tokens per answer at most."),
+    temperature: float = typer.Option(0.7, help="0 = greedy."),
+    top_p: float = typer.Option(0.9, help="Nucleus sampling mass."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: all)."),
+    head: str = typer.Option("f16", help="LM head precision: f16 | i8."),
+) -> None:
+    """Chat interactively (history kept): /reset clears it, /exit or Ctrl-D quits, Ctrl-C stops an answer."""
+    from bitllm.engine import LLM
+
+    llm = LLM(model, threads=threads, head=head, verbose=True)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    console.print("[dim]/reset clears the history, /exit quits[/dim]")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            continue
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            break
+        if cmd == "/reset":
+            history = list(start)
+            console.print("[dim](history cleared)[/dim]")
+            continue
+        if not cmd:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = ""
+        try:
+            for piece in llm.chat(history, stream=True, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p):
+                reply += piece
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [interrupted]")
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
+
+
 def main() -> None:
     try:
         app()

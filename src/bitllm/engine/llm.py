@@ -284,20 +284,31 @@ class LLM:
             self.last_finish_reason = seq.finish_reason
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of `messages` under the tokenizer's chat template, ready for the assistant's turn."""
+        """Token ids of `messages` ready for the assistant's turn: the tokenizer's chat template, or
+        (for base models without one) a plain "User: / Assistant:" transcript."""
         if self.tokenizer is None:
-            raise BitLLMError("chat needs a tokenizer with a chat template; this model has no tokenizer")
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise BitLLMError("this model's tokenizer has no chat template; use generate() with plain text")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
+            raise BitLLMError("chat needs a tokenizer; this model has none (use generate() with token ids)")
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+        return self.encode(text)
 
-    def chat(self, messages: list[dict[str, str]], stream: bool = False, **kwargs):
-        """Answer the last user message. stream=True yields text pieces; else returns a Completion."""
+    def chat(self, messages: list[dict[str, str]], stream: bool = False, max_new_tokens: int = 256, **kwargs):
+        """Answer the last user message. stream=True yields text pieces; else returns a Completion.
+        The oldest turns (after a system message) are dropped when the history outgrows the context."""
+        messages = list(messages)
         ids = self.chat_ids(messages)
-        return self.stream(ids, **kwargs) if stream else self.generate(ids, **kwargs)
+        while len(ids) + 1 >= self.backend.max_context and len(messages) > 1:
+            del messages[1 if messages[0].get("role") == "system" and len(messages) > 2 else 0]
+            ids = self.chat_ids(messages)
+        if not getattr(self.tokenizer, "chat_template", None):
+            kwargs["stop"] = tuple(kwargs.get("stop") or ()) + ("\nUser:",)
+        if stream:
+            return self.stream(ids, max_new_tokens=max_new_tokens, **kwargs)
+        return self.generate(ids, max_new_tokens=max_new_tokens, **kwargs)
 
     # -- scoring -------------------------------------------------------------------------------
 

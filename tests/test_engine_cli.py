@@ -1,0 +1,31 @@
+"""`bitllm run` and `bitllm chat` on a tiny packed model (typer's CliRunner, no subprocess)."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from bitllm.cli import app
+from test_engine_api import _save, _tokenizer
+
+
+def test_run_streams_and_reports_speed(tmp_path):
+    d = _save(tmp_path / "m")
+    r = CliRunner().invoke(app, ["run", str(d), "1,5,9", "--ids", "-n", "5", "-t", "1"])
+    assert r.exit_code == 0, r.output
+    assert len(r.stdout.split()) >= 5  # five token ids (no tokenizer)
+    assert "prefill 3 tokens" in r.output and "tok/s" in r.output and "decode 4 tokens" in r.output
+
+
+def test_chat_keeps_history_and_resets(tmp_path):
+    d = _save(tmp_path / "m", tokenizer=_tokenizer())
+    r = CliRunner().invoke(app, ["chat", str(d), "-n", "4", "-t", "1", "--temperature", "0"],
+                           input="hello\n/reset\nbits\n/exit\n")
+    assert r.exit_code == 0, r.output
+    assert "history cleared" in r.output
+
+
+def test_run_reports_a_long_prompt_as_an_error(tmp_path):
+    d = _save(tmp_path / "m")
+    ids = ",".join(str(3 + i % 50) for i in range(200))  # the tiny model's context is 128
+    r = CliRunner().invoke(app, ["run", str(d), ids, "--ids", "-n", "2", "-t", "1"])
+    assert r.exit_code != 0 and "context is 128" in str(r.exception or r.output)
