@@ -75,7 +75,10 @@ def bench_shape(M: int, N: int, K: int, reps: int, total: int, baselines: bool) 
         p = bk.pack(fmt, random_weights(fmt, N, K))
         datas = copies_of(p.data, total if M == 1 else p.data.numel())
         ws, out = torch.ones(N), torch.empty(M, N)
-        calls = [(lambda d=d: _core.linear_a8(fmt, d, N, K, x, ws, None, out, None)) for d in datas]
+        code = ["i2", "t1", "b1"].index(fmt)
+        # quantize + A8 kernel through the raw-pointer entry (what bitllm.kernels.linear_a8 runs)
+        calls = [(lambda d=d.data_ptr(): _core.linear_ptr(True, code, d, N, K, x.data_ptr(), M, ws.data_ptr(), 0,
+                                                          out.data_ptr(), -1)) for d in datas]
         t = time_cycled(calls, reps=reps)
         rows.append({"impl": f"bitllm {fmt}", "M": M, "N": N, "K": K, "bytes": p.data.numel(),
                      "bits_per_weight": p.bits_per_weight, **t.as_dict(),

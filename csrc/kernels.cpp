@@ -278,8 +278,8 @@ void unpack(Format f, const uint8_t* packed, int64_t N, int64_t K, int8_t* out) 
 // Activation quantizer (pinned: fp32, s = 127/max(max|x|, 1e-5), q = clamp(rint(x*s), -128, 127))
 // ============================================================================================
 
-void quantize_activations(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int64_t ldq,
-                          float* scale, int32_t* sums) {
+void quantize_generic(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int64_t ldq,
+                      float* scale, int32_t* sums) {
     for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * ldx;
         int8_t* qr = q + m * ldq;
@@ -305,6 +305,12 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int64_t ldx, int
         scale[m] = s;
         sums[m] = sum;
     }
+}
+
+void quantize_activations(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int64_t ldq,
+                          float* scale, int32_t* sums, Isa isa) {
+    const KernelTable& t = table_for(isa);
+    (t.quantize ? t.quantize : quantize_generic)(x, M, K, ldx, q, ldq, scale, sums);
 }
 
 // ============================================================================================

@@ -70,7 +70,7 @@ void unpack(Format f, const uint8_t* packed, int64_t N, int64_t K, int8_t* out);
 // x: (M, K) fp32 with row stride ldx; q: (M, ldq) int8, ldq >= K; positions K..ldq-1 are zeroed
 // (so q can be handed to gemm_a8 as padded activations); scale: (M,); sums: (M,) = Σ_k q[m,k].
 void quantize_activations(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int64_t ldq,
-                          float* scale, int32_t* sums);
+                          float* scale, int32_t* sums, Isa isa = Isa::Best);
 
 // ---- matmuls ----
 // packed: pack()'s output for (N, K). q: (M, K) int8 rows with stride ldq >= K (if ldq >=

@@ -6,6 +6,7 @@
 // before widening to int32 with _mm256_madd_epi16 — far from the int16 limit.
 #include <immintrin.h>
 
+#include <cmath>
 #include <vector>
 
 #include "kernels_internal.h"
@@ -285,9 +286,60 @@ void f32_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const 
 
 }  // namespace
 
+// ============================================================================================
+// The pinned activation quantizer (bit-exact with quantize_generic; also used by the AVX-512 table)
+// ============================================================================================
+
+void quantize_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int64_t ldq, float* scale,
+                   int32_t* sums) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo packs' lane interleave
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * ldx;
+        int8_t* qr = q + m * ldq;
+        __m256 mx = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
+        float lanes[8];
+        _mm256_storeu_ps(lanes, mx);
+        float amax = 0.0f;
+        for (float v : lanes) amax = v > amax ? v : amax;
+        for (; k < K; ++k) {
+            const float a = std::fabs(xr[k]);
+            amax = a > amax ? a : amax;
+        }
+        const float s = (1.0f / (amax > 1e-5f ? amax : 1e-5f)) * 127.0f;  // as torch: reciprocal * 127
+        const __m256 vs = _mm256_set1_ps(s);
+        __m256i sum = _mm256_setzero_si256();
+        auto conv = [&](const float* p) {
+            __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(p), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m256i i = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+            sum = _mm256_add_epi32(sum, i);
+            return i;
+        };
+        for (k = 0; k + 32 <= K; k += 32) {
+            const __m256i a = conv(xr + k), b = conv(xr + k + 8), c = conv(xr + k + 16), d = conv(xr + k + 24);
+            const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+            _mm256_storeu_si256((__m256i*)(qr + k), _mm256_permutevar8x32_epi32(p, order));
+        }
+        int32_t total = hsum_epi32(sum);
+        for (; k < K; ++k) {
+            float r = xr[k] * s;
+            r = (r + 12582912.0f) - 12582912.0f;  // rint, as in quantize_generic
+            r = r < -128.0f ? -128.0f : (r > 127.0f ? 127.0f : r);
+            qr[k] = (int8_t)(int)r;
+            total += qr[k];
+        }
+        for (k = K; k < ldq; ++k) qr[k] = 0;
+        scale[m] = s;
+        sums[m] = total;
+    }
+}
+
 const KernelTable kTableAVX2 = {
     {a8_avx2<Format::I2>, a8_avx2<Format::T1>, a8_avx2<Format::B1>},
     {f32_avx2<Format::I2>, f32_avx2<Format::T1>, f32_avx2<Format::B1>},
+    quantize_avx2,
 };
 
 }  // namespace bitllm

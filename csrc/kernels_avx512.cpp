@@ -132,10 +132,15 @@ inline void gemv_rows(const PackedView& w, const int8_t* q, int64_t n, int32_t* 
         rows[r] = w.data + (n + r) * w.row_bytes;
         acc[r] = _mm512_setzero_si512();
     }
+    // Software prefetch of the next row tile (4 KB ahead; R rows are contiguous and short).
+    const char* pf = (const char*)(w.data + n * w.row_bytes) + 4096;
+    const int64_t pf_end = R * w.row_bytes;
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
         const int8_t* q0 = q + P::kW * b;
         const int8_t* q1 = q0 + P::kW;
+        for (int64_t o = 64 * b * R / 2; o < std::min<int64_t>(pf_end, 64 * (b + 2) * R / 2); o += 64)
+            _mm_prefetch(pf + o, _MM_HINT_T0);
         __m512i qa[P::kN];  // activation planes of both blocks, shared by the R rows
         for (int i = 0; i < P::kN; ++i) qa[i] = pair(q0 + 32 * i, q1 + 32 * i);
         for (int r = 0; r < R; ++r) {
@@ -266,6 +271,7 @@ void f32_avx512(const PackedView& w, const F32Acts& a, const float* wscale, cons
 const KernelTable kTableAVX512 = {
     {a8_avx512<Format::I2>, a8_avx512<Format::T1>, a8_avx512<Format::B1>},
     {f32_avx512<Format::I2>, f32_avx512<Format::T1>, f32_avx512<Format::B1>},
+    quantize_avx2,  // AVX-512 CPUs have AVX2; the quantizer is a small part of a matmul
 };
 
 }  // namespace bitllm

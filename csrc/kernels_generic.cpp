@@ -82,6 +82,7 @@ static void f32_generic(const PackedView& w, const F32Acts& a, const float* wsca
 const KernelTable kTableGeneric = {
     {a8_generic, a8_generic, a8_generic},
     {f32_generic, f32_generic, f32_generic},
+    quantize_generic,
 };
 
 }  // namespace bitllm

@@ -84,10 +84,23 @@ using A8Fn = void (*)(const PackedView& w, const A8Acts& a, const float* wscale,
 using F32Fn = void (*)(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias,
                        float* out, int64_t n0, int64_t n1);
 
+using QuantFn = void (*)(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int64_t ldq,
+                        float* scale, int32_t* sums);
+
 struct KernelTable {
     A8Fn a8[kNumFormats];
     F32Fn f32[kNumFormats];
+    QuantFn quantize;  // the pinned activation quantizer (nullptr: the scalar one)
 };
+
+// The scalar quantizer (reference); every variant's quantizer is bit-exact with it.
+void quantize_generic(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int64_t ldq,
+                      float* scale, int32_t* sums);
+
+#if defined(__x86_64__) || defined(_M_X64)
+void quantize_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int64_t ldq, float* scale,
+                   int32_t* sums);  // kernels_avx2.cpp
+#endif
 
 // Each ISA file defines its table (nullptr entries fall back to generic).
 extern const KernelTable kTableGeneric;

@@ -137,6 +137,7 @@ void f32_neon(const PackedView& w, const F32Acts& a, const float* wscale, const 
 const KernelTable BITLLM_NEON_TABLE = {
     {a8_neon<Format::I2>, a8_neon<Format::T1>, a8_neon<Format::B1>},
     {f32_neon<Format::I2>, f32_neon<Format::T1>, f32_neon<Format::B1>},
+    nullptr,
 };
 
 }  // namespace bitllm

@@ -87,13 +87,16 @@ NB_MODULE(_core, m) {
 
     // ---- activations ----
     m.def("quantize_activations", [](Arr<const float, nb::ndim<2>> x, Arr<int8_t, nb::ndim<2>> q,
-                                     Arr<float, nb::ndim<1>> scale, Arr<int32_t, nb::ndim<1>> sums) {
+                                     Arr<float, nb::ndim<1>> scale, Arr<int32_t, nb::ndim<1>> sums,
+                                     std::optional<std::string> isa) {
+        const Isa is = isa_of(isa);
         const int64_t M = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
         need((int64_t)q.shape(0) == M && (int64_t)q.shape(1) >= K, "quantize_activations: q must be (M, >=K)");
         need((int64_t)scale.shape(0) == M && (int64_t)sums.shape(0) == M, "quantize_activations: scale/sums must be (M,)");
         nb::gil_scoped_release g;
-        quantize_activations(x.data(), M, K, K, q.data(), (int64_t)q.shape(1), scale.data(), sums.data());
-    }, nb::arg("x").noconvert(), nb::arg("q").noconvert(), nb::arg("scale").noconvert(), nb::arg("sums").noconvert());
+        quantize_activations(x.data(), M, K, K, q.data(), (int64_t)q.shape(1), scale.data(), sums.data(), is);
+    }, nb::arg("x").noconvert(), nb::arg("q").noconvert(), nb::arg("scale").noconvert(), nb::arg("sums").noconvert(),
+       nb::arg("isa").none() = nb::none());
 
     // ---- matmuls ----
     m.def("gemm_a8", [](const std::string& f, Arr<const uint8_t, nb::ndim<1>> packed, int64_t N, int64_t K,
@@ -136,7 +139,7 @@ NB_MODULE(_core, m) {
         std::vector<int8_t> q((size_t)(M * Kp));  // (M, Kp), zero padded by the quantizer
         std::vector<float> s((size_t)M);
         std::vector<int32_t> sums((size_t)M);
-        quantize_activations(x.data(), M, K, K, q.data(), Kp, s.data(), sums.data());
+        quantize_activations(x.data(), M, K, K, q.data(), Kp, s.data(), sums.data(), is);
         gemm_a8(fm, packed.data(), N, K, q.data(), Kp, s.data(), sums.data(), M, wscale.data(), b, out.data(), is);
     }, nb::arg("fmt"), nb::arg("packed").noconvert(), nb::arg("N"), nb::arg("K"), nb::arg("x").noconvert(),
        nb::arg("wscale").noconvert(), nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(),
@@ -160,6 +163,36 @@ NB_MODULE(_core, m) {
     }, nb::arg("fmt"), nb::arg("packed").noconvert(), nb::arg("N"), nb::arg("K"), nb::arg("x").noconvert(),
        nb::arg("wscale").noconvert(), nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(),
        nb::arg("isa").none() = nb::none());
+
+    // ---- raw-pointer twins of linear_a8 / linear_f32 for bitllm.kernels' hot path ----
+    // A torch tensor costs ~3 us to cross nanobind via DLPack; a GEMV is 10-500 us. The Python
+    // wrapper validates dtype/shape/contiguity/device first, then passes data_ptr()s here.
+    // isa: -1 = active variant, else the Isa enum value. bias = 0 means no bias.
+    m.def("linear_ptr", [](bool a8, int fmt, uintptr_t packed, int64_t N, int64_t K, uintptr_t x, int64_t M,
+                           uintptr_t wscale, uintptr_t bias, uintptr_t out, int isa) {
+        need(fmt >= 0 && fmt < kNumFormats, "linear_ptr: bad format");
+        need(isa >= -1 && isa < kNumIsas, "linear_ptr: bad isa");
+        need(packed && x && wscale && out && N > 0 && K > 0 && M >= 0, "linear_ptr: null pointer or bad shape");
+        const Format fm = Format(fmt);
+        const Isa is = Isa(isa);
+        if (is != Isa::Best && !isa_supported(is)) throw std::invalid_argument("linear_ptr: variant not supported here");
+        const float* xb = reinterpret_cast<const float*>(x);
+        const float* b = bias ? reinterpret_cast<const float*>(bias) : nullptr;
+        nb::gil_scoped_release g;
+        if (a8) {
+            const int64_t Kp = padded_k(fm, K);
+            std::vector<int8_t> q((size_t)(M * Kp));  // (M, Kp), zero padded by the quantizer
+            std::vector<float> s((size_t)M);
+            std::vector<int32_t> sums((size_t)M);
+            quantize_activations(xb, M, K, K, q.data(), Kp, s.data(), sums.data(), is);
+            gemm_a8(fm, reinterpret_cast<const uint8_t*>(packed), N, K, q.data(), Kp, s.data(), sums.data(), M,
+                    reinterpret_cast<const float*>(wscale), b, reinterpret_cast<float*>(out), is);
+        } else {
+            gemm_f32(fm, reinterpret_cast<const uint8_t*>(packed), N, K, xb, K, M, reinterpret_cast<const float*>(wscale),
+                     b, reinterpret_cast<float*>(out), is);
+        }
+    }, nb::arg("a8"), nb::arg("fmt"), nb::arg("packed"), nb::arg("N"), nb::arg("K"), nb::arg("x"), nb::arg("M"),
+       nb::arg("wscale"), nb::arg("bias"), nb::arg("out"), nb::arg("isa"));
 
     // ---- measurement ----
     m.def("stream_read_bandwidth", [](size_t bytes, int threads, int reps) {

@@ -97,7 +97,8 @@ def f32_reference(W, x, wscale, bias):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_quantizer_matches_torch_bit_exact():
+@pytest.mark.parametrize("isa", [isa_param(i) for i in ALL_ISAS])
+def test_quantizer_matches_torch_bit_exact(isa):
     gen = torch.Generator().manual_seed(0)
     rows = [
         torch.randn(4, 777, generator=gen) * 3,
@@ -109,8 +110,9 @@ def test_quantizer_matches_torch_bit_exact():
     ties = torch.arange(-127, 127, dtype=torch.float32) + 0.5
     ties = torch.cat([ties, torch.tensor([127.0])])[None, :]
     rows.append(ties)
+    rows.append(torch.randn(3, 4099, generator=gen))  # SIMD body + scalar tail
     for x in rows:
-        q, s, sums = bk.quantize_activations(x)
+        q, s, sums = bk.quantize_activations(x, isa=isa)
         q_ref, s_ref = torch_quantize(x)
         assert torch.equal(s, s_ref)
         assert torch.equal(q, q_ref)
@@ -161,6 +163,14 @@ def test_pack_rejects_bad_input():
         bk.pack("i2", torch.zeros(4, dtype=torch.int8))
     # numpy works too (no copy)
     assert bk.pack("t1", np.zeros((2, 3), dtype=np.int8)).N == 2
+
+
+def test_packed_weight_checks_its_buffer():
+    p = bk.pack("i2", torch.zeros(3, 10, dtype=torch.int8))
+    with pytest.raises(FormatError, match="needs 96"):
+        bk.PackedWeight(p.fmt, 3, 10, p.data[:-1].clone())
+    with pytest.raises(FormatError, match="uint8"):
+        bk.PackedWeight(p.fmt, 3, 10, p.data.to(torch.int8))
 
 
 def test_linear_rejects_bad_input():

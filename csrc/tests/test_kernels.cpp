@@ -3,6 +3,7 @@
 // unpack round trips; the T1 digit decoder over all 243 byte values. Built and run by
 // tests/test_kernels_native.py under ASan+UBSan on x86 and under qemu-aarch64 for NEON.
 // Exit status 0 = all passed. Prints one line per variant: "isa <name>: ran|skipped (...)".
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -113,11 +114,34 @@ static void test_shape(Format f, int64_t M, int64_t N, int64_t K, bool extreme) 
     }
 }
 
+// Every variant's quantizer against the scalar one, bit for bit (scales, q, sums, zero padding).
+static void test_quantizer(int64_t M, int64_t K, float spread) {
+    std::vector<float> x((size_t)(M * K));
+    std::normal_distribution<float> nd(0.0f, spread);
+    for (auto& v : x) v = nd(rng);
+    if (K > 3) x[1] = 0.5f, x[2] = -2.5f;  // ties when max|x| makes s = 1
+    const int64_t ldq = K + 7;
+    std::vector<int8_t> q0((size_t)(M * ldq), 5), q1((size_t)(M * ldq), 5);
+    std::vector<float> s0((size_t)M), s1((size_t)M);
+    std::vector<int32_t> t0((size_t)M), t1((size_t)M);
+    quantize_activations(x.data(), M, K, K, q0.data(), ldq, s0.data(), t0.data(), Isa::Generic);
+    for (int i = 1; i < kNumIsas; ++i) {
+        if (!isa_supported(Isa(i))) continue;
+        std::fill(q1.begin(), q1.end(), 5);
+        quantize_activations(x.data(), M, K, K, q1.data(), ldq, s1.data(), t1.data(), Isa(i));
+        CHECK(q0 == q1 && s0 == s1 && t0 == t1, "%s quantizer vs generic M=%lld K=%lld", isa_name(Isa(i)),
+              (long long)M, (long long)K);
+    }
+}
+
 int main() {
     for (int i = 0; i < kNumIsas; ++i)
         std::printf("isa %s: %s\n", isa_name(Isa(i)),
                     isa_supported(Isa(i)) ? "ran" : isa_compiled(Isa(i)) ? "skipped (CPU lacks it)" : "skipped (not compiled for this target)");
     test_t1_digits();
+    for (int64_t K : {1, 7, 31, 32, 33, 100, 1000, 4099}) test_quantizer(3, K, 1.0f);
+    test_quantizer(2, 300, 1e-7f);
+    test_quantizer(2, 300, 1e4f);
     std::uniform_int_distribution<int> dm(1, 9), dn(1, 70), dk(1, 1200);
     for (int fi = 0; fi < kNumFormats; ++fi) {
         const Format f = Format(fi);
