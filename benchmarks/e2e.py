@@ -1,0 +1,317 @@
+"""End-to-end engine benchmark (BENCH.md): prefill pp128 and decode tg128 tok/s of random ternary
+models of the 700M shape (hidden 1536, FFN 4096, 24 layers, 16 heads, vocabulary 32000, untied LM
+head, fp16 embedding) in the BitNet and Llama layouts, at 1 and 2 threads, with % of the read
+roofline measured in the same run, load + repack time, RSS growth and file size; side by side with
+PyTorch fp32 / bf16 HF models of the same shape.
+
+    python benchmarks/e2e.py                 # full run (check `uptime` first: the machine must be quiet)
+    python benchmarks/e2e.py --quick         # a small shape, to check the script
+    python benchmarks/e2e.py --gguf m.gguf   # hook: llama.cpp rows (GGUF export comes with its own issue)
+
+Random weights do not change the speed of these formats. Checkpoints are written packed, directly
+(no fp32 model is ever built for the bitllm rows). The Llama layout is SiLU-gated (what llama.cpp
+runs); the BitNet layout keeps BitNet's ReLU² (llama.cpp cannot express it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt_table, loadavg, machine_line, roofline_gbs, write_results  # noqa: E402
+
+SHAPES = {
+    "700m": dict(hidden=1536, ffn=4096, layers=24, heads=16, vocab=32000),
+    "quick": dict(hidden=256, ffn=768, layers=4, heads=4, vocab=32000),
+}
+
+
+# --- building random packed checkpoints without an fp32 model ---------------------------------------
+
+
+def _config(layout: str, s: dict, ctx: int) -> dict:
+    from transformers import BitNetConfig, LlamaConfig
+
+    common = dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                  num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
+                  max_position_embeddings=ctx, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(**common) if layout == "llama" else BitNetConfig(**common)
+    d = cfg.to_dict()
+    d["architectures"] = ["LlamaForCausalLM" if layout == "llama" else "BitNetForCausalLM"]
+    return d
+
+
+def _linears(layout: str, s: dict) -> dict[str, tuple[int, int]]:
+    H, F = s["hidden"], s["ffn"]
+    out = {}
+    for i in range(s["layers"]):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[p + "self_attn." + n] = (H, H)
+        out[p + "mlp.gate_proj"] = (F, H)
+        out[p + "mlp.up_proj"] = (F, H)
+        out[p + "mlp.down_proj"] = (H, F)
+    return out
+
+
+def write_random_checkpoint(directory: Path, layout: str, s: dict, ctx: int = 2048, seed: int = 0) -> Path:
+    """A bitllm ternary I2 checkpoint with uniform random codes, written tensor by tensor."""
+    import torch
+    from safetensors.torch import save_file
+
+    from bitllm.formats.checkpoint import FORMAT_VERSION
+
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    H = s["hidden"]
+    tensors: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": torch.from_numpy(rng.standard_normal((s["vocab"], H), dtype=np.float32)).half(),
+        "lm_head.weight": torch.from_numpy((rng.standard_normal((s["vocab"], H), dtype=np.float32) * 0.02)).half(),
+        "model.norm.weight": torch.ones(H),
+    }
+    for i in range(s["layers"]):
+        tensors[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(H)
+        tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(H)
+        if layout == "bitnet":
+            tensors[f"model.layers.{i}.self_attn.attn_sub_norm.weight"] = torch.ones(H)
+            tensors[f"model.layers.{i}.mlp.ffn_sub_norm.weight"] = torch.ones(s["ffn"])
+    linears = _linears(layout, s)
+    for name, (N, K) in linears.items():
+        codes = rng.integers(0, 3, size=(N, K // 4, 4), dtype=np.uint8)  # w+1 in {0,1,2}; K % 4 == 0 here
+        packed = codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)  # I2 file layout
+        tensors[name + ".weight"] = torch.from_numpy(np.ascontiguousarray(packed))
+        tensors[name + ".weight_scale"] = torch.tensor([0.02], dtype=torch.float32)
+    meta = {"format": "pt", "bitllm_format": "i2", "bitllm_format_version": str(FORMAT_VERSION), "bitllm_method": "ternary"}
+    save_file(tensors, str(directory / "model.safetensors"), metadata=meta)
+    cfg = _config(layout, s, ctx)
+    cfg["quantization_config"] = {"quant_method": "bitllm", "method": "ternary", "format": "i2",
+                                  "format_version": FORMAT_VERSION, "modules": sorted(linears)}
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    return directory
+
+
+# --- timing ---------------------------------------------------------------------------------------------
+
+
+def _stats(samples: list[float]) -> dict:
+    return {"median": statistics.median(samples), "min": min(samples), "reps": len(samples)}
+
+
+def bench_engine(directory: Path, threads: int, head: str, kernel_format: str | None, reps: int, pp: int, tg: int) -> dict:
+    from bitllm.engine import LLM
+
+    llm = LLM(directory, threads=threads, head=head, kernel_format=kernel_format, max_context=pp + tg + 8)
+    be = llm.backend
+    rng = np.random.default_rng(1)
+    prompt = [int(t) for t in rng.integers(3, be.vocab, size=pp)]
+    pre, dec = [], []
+    for r in range(reps + 1):  # rep 0 = warm-up
+        slot = be.open(pp + 1)
+        t0 = time.perf_counter()
+        be.forward([slot], [prompt])
+        dt = time.perf_counter() - t0
+        be.close(slot)
+        slot = be.open(tg + 1)
+        tok = [1]
+        t1 = time.perf_counter()
+        for _ in range(tg):
+            tok = [int(be.forward([slot], [tok])[0].argmax())]
+        dt2 = time.perf_counter() - t1
+        be.close(slot)
+        if r:
+            pre.append(pp / dt)
+            dec.append(tg / dt2)
+    eng = be.engine
+    return {"prefill_tps": _stats(pre), "decode_tps": _stats(dec), "bytes_per_token": eng.bytes_per_token(),
+            "weight_bytes": eng.weight_bytes(), "load_s": llm.load_info.get("load_s")}
+
+
+def bench_torch(s: dict, dtype_name: str, threads: int, reps: int, pp: int, tg: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.set_num_threads(threads)
+    cfg = LlamaConfig(**{k: v for k, v in _config("llama", s, pp + tg + 8).items()
+                         if k not in ("architectures", "transformers_version")})
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    t0 = time.perf_counter()
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    build_s = time.perf_counter() - t0
+    prompt = torch.randint(3, s["vocab"], (1, pp))
+    pre, dec = [], []
+    with torch.inference_mode():
+        for r in range(reps + 1):
+            t0 = time.perf_counter()
+            model(prompt, use_cache=True)
+            dt = time.perf_counter() - t0
+            out = model(torch.tensor([[1]]), use_cache=True)
+            t1 = time.perf_counter()
+            for i in range(tg):
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+            dt2 = time.perf_counter() - t1
+            if r:
+                pre.append(pp / dt)
+                dec.append(tg / dt2)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    return {"prefill_tps": _stats(pre), "decode_tps": _stats(dec), "bytes_per_token": nbytes, "build_s": build_s}
+
+
+def bench_llamacpp(gguf: str, threads: int, reps: int, pp: int, tg: int) -> dict | None:
+    """Hook for the GGUF issue: llama.cpp rows through llama-cpp-python on a GGUF that bitllm exports
+    from the same weights (n_threads and n_threads_batch explicit, flash attention on, BENCH.md)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp rows skipped: llama-cpp-python is not installed", file=sys.stderr)
+        return None
+    llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, flash_attn=True, n_ctx=pp + tg + 8,
+                verbose=False)
+    rng = np.random.default_rng(1)
+    prompt = [int(t) for t in rng.integers(3, llm.n_vocab(), size=pp)]
+    pre, dec = [], []
+    for r in range(reps + 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        dt = time.perf_counter() - t0
+        llm.reset()
+        llm.eval([1])
+        t1 = time.perf_counter()
+        for _ in range(tg):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        dt2 = time.perf_counter() - t1
+        if r:
+            pre.append(pp / dt)
+            dec.append(tg / dt2)
+    return {"prefill_tps": _stats(pre), "decode_tps": _stats(dec), "bytes_per_token": os.path.getsize(gguf)}
+
+
+# --- RSS (a fresh process per model, so the allocator's history does not blur the growth) -----------
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def child_rss(directory: str, head: str, kv_positions: int) -> None:
+    import bitllm.engine  # noqa: F401  (imports first: torch, transformers)
+    from bitllm import _engine  # noqa: F401
+    from bitllm.engine import LLM
+
+    base = _rss()
+    llm = LLM(directory, threads=1, head=head)
+    slot = llm.backend.open(kv_positions)
+    llm.backend.forward([slot], [[1]])
+    eng = llm.backend.engine
+    print(json.dumps({"rss_growth": _rss() - base, "weight_bytes": eng.weight_bytes(), "kv_bytes": eng.kv_bytes(),
+                      "load_s": llm.load_info["load_s"]}))
+
+
+def measure_rss(directory: Path, head: str, kv_positions: int) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--child-rss", str(directory), "--head", head,
+                        "--kv", str(kv_positions)], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# --- main ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shape, 2 reps, no torch bf16")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--pp", type=int, default=128)
+    ap.add_argument("--tg", type=int, default=128)
+    ap.add_argument("--torch-tg", type=int, default=16, help="decode tokens per rep for the (slow) PyTorch rows")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--gguf", default=None, help="llama.cpp hook: a GGUF of the same weights")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--child-rss", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--head", default="i8", help=argparse.SUPPRESS)
+    ap.add_argument("--kv", type=int, default=256, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child_rss:
+        return child_rss(a.child_rss, a.head, a.kv)
+    from bitllm import _engine
+
+    shape = SHAPES["quick" if a.quick else "700m"]
+    reps = 2 if a.quick else a.reps
+    threads = [int(t) for t in a.threads.split(",")]
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="bitllm-e2e-"))
+    load_before = loadavg()
+    roof = {t: roofline_gbs(t) for t in threads}
+    print(machine_line(_engine.active_isa(), max(threads)))
+    print("read roofline: " + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in roof.items()) + " (best of 5, 1 GiB, this run)")
+    print(f"engine: kernels {_engine.active_isa()}, engine vector code {_engine.simd_name()}; shape {shape}; "
+          f"pp{a.pp} / tg{a.tg}, median and min of {reps} reps after a warm-up")
+
+    dirs = {}
+    for layout in ("llama", "bitnet"):
+        t0 = time.perf_counter()
+        dirs[layout] = write_random_checkpoint(work / layout, layout, shape)
+        size = sum(f.stat().st_size for f in dirs[layout].glob("*.safetensors"))
+        print(f"wrote random {layout} checkpoint: {size / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s")
+
+    variants = [("llama", "i2", "i8"), ("llama", "t1", "i8"), ("llama", "i2", "f16"), ("bitnet", "i2", "i8")]
+    rows, results = [], []
+    for layout, kf, head in variants:
+        mem = measure_rss(dirs[layout], head, a.pp + a.tg)
+        size = sum(f.stat().st_size for f in dirs[layout].glob("*.safetensors"))
+        for t in threads:
+            r = bench_engine(dirs[layout], t, head, kf, reps, a.pp, a.tg)
+            r.update(name=f"bitllm {layout} {kf.upper()} head {head}", threads=t, file_bytes=size, **mem)
+            results.append(r)
+    if not a.no_torch:
+        for dt in (("fp32",) if a.quick else ("fp32", "bf16")):
+            for t in threads:
+                r = bench_torch(shape, dt, t, max(2, reps // 2), a.pp, a.torch_tg)
+                r.update(name=f"PyTorch {dt} (HF Llama, tg{a.torch_tg})", threads=t)
+                results.append(r)
+    if a.gguf:
+        for t in threads:
+            r = bench_llamacpp(a.gguf, t, reps, a.pp, a.tg)
+            if r:
+                r.update(name=f"llama.cpp {Path(a.gguf).name}", threads=t)
+                results.append(r)
+
+    base = {t: next((r for r in results if r["threads"] == t and r["name"].startswith("PyTorch fp32")), None) for t in threads}
+    for r in results:
+        t = r["threads"]
+        dec, pre = r["decode_tps"]["median"], r["prefill_tps"]["median"]
+        roof_pct = 100 * dec * r["bytes_per_token"] / (roof[t] * 1e9)
+        b = base[t]
+        ratio = f"{dec / b['decode_tps']['median']:.1f}x" if b else "-"
+        rss = f"{r['rss_growth'] / (r['weight_bytes'] + r['kv_bytes']):.2f}" if "rss_growth" in r else "-"
+        rows.append([r["name"], t, f"{pre:.1f} ({r['prefill_tps']['min']:.1f})", f"{dec:.1f} ({r['decode_tps']['min']:.1f})",
+                     ratio, f"{r['bytes_per_token'] / 2**20:.0f}", f"{roof_pct:.0f}%",
+                     f"{r['load_s']:.2f}" if r.get("load_s") else "-", rss,
+                     f"{r['file_bytes'] / 2**20:.0f}" if "file_bytes" in r else "-"])
+    print()
+    print(fmt_table(["model", "thr", "pp tok/s med (min)", "tg tok/s med (min)", "tg vs torch fp32", "MiB/token",
+                     "% roofline", "load+repack s", "RSS growth / (weights+KV)", "file MiB"], rows))
+    print(f"\nload avg before: {load_before}, after: {loadavg()}")
+    print("llama.cpp TQ2_0 / TQ1_0 rows: pass --gguf (GGUF export lands with its own issue); BENCH.md anchor on a Zen 3 "
+          "at 2 threads: TQ2_0 58-68 tok/s decode.")
+    path = write_results("e2e" + ("-quick" if a.quick else ""), {"machine": machine_line(_engine.active_isa(), max(threads)),
+                                                                 "roofline_gbs": roof, "shape": shape, "results": results})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
