@@ -37,6 +37,7 @@ class Sequence:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     rng: np.random.Generator | None = None
+    emitted: int = 0  # characters of text already handed out by Batch.text_delta
 
 
 @dataclass
@@ -156,6 +157,21 @@ class Batch:
             if cut >= 0:
                 t = t[:cut]
         return t
+
+    def text_delta(self, seq_id: int) -> str:
+        """Text decoded since the last call, for streaming. Holds back what may still become a stop
+        string and an incomplete UTF-8 character; once the sequence has finished, releases the rest."""
+        seq = self.seqs[seq_id]
+        text = self.text(seq)
+        if seq.finished:
+            upto = len(text)
+        elif text.endswith("\ufffd"):
+            upto = seq.emitted  # an incomplete UTF-8 character: wait for the next token
+        else:
+            hold = max((len(s) for s in seq.params.stop), default=1) - 1
+            upto = max(seq.emitted, len(text) - hold)
+        piece, seq.emitted = text[seq.emitted:upto], max(seq.emitted, upto)
+        return piece
 
     def run(self) -> None:
         """Step until every sequence has finished."""

@@ -1,0 +1,295 @@
+"""The OpenAI-compatible app: a thin shell over `bitllm.LLM` and its running `Batch`.
+
+    app = create_app(bitllm.LLM("model-dir"), ServeConfig(api_key="..."))
+
+Routes: GET / (chat page), GET /health, GET /metrics, GET /v1/models, POST /v1/completions,
+POST /v1/chat/completions. Tokenizing, chat templates, sampling, stop strings and incremental
+detokenization are the engine's (`LLM.encode`, `LLM.chat_ids`, `Batch.add/step/text_delta`); this
+module only parses requests, checks limits and shapes the answers. User guide: docs/serve.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bitllm.errors import BitLLMError
+from bitllm.serve import protocol as P
+from bitllm.serve.scheduler import EngineLoop, Metrics, QueueFull
+
+log = logging.getLogger("bitllm.serve")
+
+PAGE = Path(__file__).with_name("chat.html")
+PUBLIC = ("/health", "/")  # the chat page is static HTML; it sends the API key with each request
+
+
+@dataclass
+class ServeConfig:
+    """Server settings. `max_batch` sequences decode together; `max_queue` more may wait (then 429)."""
+
+    model_name: str = "bitllm"
+    api_key: str | None = None
+    max_batch: int = 16
+    max_queue: int = 64
+    timeout: float = 300.0  # seconds from arrival to the last token, per request
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int | None = None  # default: the model's context - 1
+    max_tokens: int = 1024  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
+
+
+def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
+    """The FastAPI app serving `llm` (a bitllm.LLM with a tokenizer)."""
+    cfg = config or ServeConfig()
+    if llm.tokenizer is None:
+        raise BitLLMError("serving needs a model with a tokenizer (text in, text out); this model has none")
+    context = int(llm.backend.max_context)
+    max_prompt = min(cfg.max_prompt_tokens or context - 1, context - 1)
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.engine = EngineLoop(llm, max_batch=cfg.max_batch, max_queue=cfg.max_queue, timeout=cfg.timeout,
+                                      metrics=metrics).start()
+        try:
+            yield
+        finally:
+            app.state.engine.stop()
+
+    app = FastAPI(title="bitllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.config, app.state.llm, app.state.metrics = cfg, llm, metrics
+    app.add_middleware(Guard, config=cfg, metrics=metrics)
+
+    # -- errors: always OpenAI's JSON shape, never a stack trace -----------------------------------
+
+    @app.exception_handler(P.ApiError)
+    async def _api_error(request: Request, e: P.ApiError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            msg, loc = "the request body is not valid JSON", []
+        where = ".".join(loc)
+        return JSONResponse(P.error_body(f"{where}: {msg}" if where else msg, "invalid_request_error",
+                                         where or None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(P.error_body(str(e.detail), kind), status_code=e.status_code)
+
+    @app.exception_handler(BitLLMError)
+    async def _bitllm(request: Request, e: BitLLMError):
+        return JSONResponse(P.error_body(str(e), "invalid_request_error"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return JSONResponse(P.error_body("internal server error", "server_error"), status_code=500)
+
+    # -- routes --------------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", cfg.model_name))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": cfg.model_name, **app.state.engine.info()}
+
+    @app.get("/metrics")
+    async def metrics_page() -> PlainTextResponse:
+        engine: EngineLoop = app.state.engine
+        waiting, live = engine.depth()
+        gauges = {
+            "bitllm_queue_depth": ("Requests waiting to join the batch.", waiting),
+            "bitllm_active_requests": ("Requests decoding in the running batch.", live),
+            "bitllm_kv_sequences": ("Sequences holding a KV cache slot in the engine.", engine.kv_sequences()),
+            "bitllm_max_batch": ("Most sequences decoded in one step.", cfg.max_batch),
+        }
+        return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "bitllm",
+                                            "max_model_len": context}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest, request: Request):
+        body.unsupported()
+        prompt = body.single_prompt()
+        ids = llm.encode(prompt)
+        return await _answer(request, body, ids, body.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: P.ChatRequest, request: Request):
+        body.unsupported()
+        ids = llm.chat_ids(body.as_dicts())
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await _answer(request, body, ids, limit, chat=True)
+
+    async def _answer(request: Request, body: P._Sampling, ids: list[int], max_tokens: int | None, chat: bool):
+        if len(ids) > max_prompt:
+            raise P.ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at most {max_prompt}",
+                             param="messages" if chat else "prompt", code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(cfg.max_tokens, context - len(ids)) if chat else cfg.default_max_tokens
+        if max_tokens > cfg.max_tokens:
+            raise P.ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {cfg.max_tokens}",
+                             param="max_tokens")
+        params = llm.sampling_params(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                     seed=body.seed, stop=tuple(body.stop or ()), top_k=body.top_k,
+                                     repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos)
+        engine: EngineLoop = app.state.engine
+        try:
+            req = engine.submit(ids, params)
+        except QueueFull as e:
+            raise P.ApiError(429, str(e), "rate_limit_error", code="server_busy",
+                             headers={"Retry-After": str(e.retry_after)}) from None
+        id_ = P.new_id("chatcmpl" if chat else "cmpl")
+        model = body.model or cfg.model_name
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventSourceResponse(_stream(engine, req, id_, model, chat, usage), sep="\n", ping=15)
+        return await _collect(request, engine, req, id_, model, chat)
+
+    return app
+
+
+async def _collect(request: Request, engine: EngineLoop, req, id_: str, model: str, chat: bool) -> JSONResponse:
+    """Wait for the whole answer; cancel the sequence if the client goes away meanwhile."""
+    parts: list[str] = []
+    done = False
+    check = time.monotonic() + 0.25
+    try:
+        while True:
+            try:
+                ev = await asyncio.wait_for(req.events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                ev = None
+            if time.monotonic() >= check:  # events may keep coming: look at the connection on a clock
+                check = time.monotonic() + 0.25
+                if await request.is_disconnected():
+                    return JSONResponse(P.error_body("client disconnected", "invalid_request_error"), status_code=499)
+            if ev is None:
+                continue
+            if ev.kind == "text":
+                parts.append(ev.text)
+                continue
+            done = True
+            if ev.kind == "error":
+                raise P.ApiError(ev.status, ev.text, "timeout" if ev.status == 504 else
+                                 "server_error" if ev.status >= 500 else "invalid_request_error")
+            make = P.chat_body if chat else P.completion_body
+            return JSONResponse(make(id_, model, "".join(parts), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens))
+    finally:
+        if not done:
+            engine.cancel(req)
+
+
+async def _stream(engine: EngineLoop, req, id_: str, model: str, chat: bool, include_usage: bool):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. If the client
+    disconnects, sse-starlette cancels this generator and `finally` cancels the sequence."""
+    done = False
+    try:
+        if chat:
+            yield json.dumps(P.chat_chunk(id_, model, {"role": "assistant", "content": ""}, None))
+        while True:
+            ev = await req.events.get()
+            if ev.kind == "text":
+                chunk = P.chat_chunk(id_, model, {"content": ev.text}, None) if chat else \
+                    P.completion_chunk(id_, model, ev.text, None)
+                yield json.dumps(chunk)
+                continue
+            done = True
+            if ev.kind == "error":
+                kind = "timeout" if ev.status == 504 else "server_error" if ev.status >= 500 else "invalid_request_error"
+                yield json.dumps(P.error_body(ev.text, kind))
+            else:
+                yield json.dumps(P.chat_chunk(id_, model, {}, ev.finish_reason) if chat else
+                                 P.completion_chunk(id_, model, "", ev.finish_reason))
+                if include_usage:
+                    yield json.dumps(P.usage_chunk(id_, model, "chat.completion.chunk" if chat else "text_completion",
+                                                   ev.prompt_tokens, ev.completion_tokens))
+            yield "[DONE]"
+            return
+    finally:
+        if not done:
+            engine.cancel(req)
+
+
+class Guard:
+    """ASGI middleware: API key, request-size limit, and a per-endpoint count of answers."""
+
+    def __init__(self, app, config: ServeConfig, metrics: Metrics) -> None:
+        self.app, self.cfg, self.metrics = app, config, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in ("/", "/health", "/metrics", "/v1/models", "/v1/completions",
+                                    "/v1/chat/completions") else "other"
+        status = {"code": 500}
+
+        async def counted_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if self.cfg.api_key and path not in PUBLIC and not self._authorized(scope):
+                return await self._reject(counted_send, 401, "missing or wrong API key: send "
+                                          "'Authorization: Bearer <key>'", "authentication_error", "invalid_api_key")
+            length = dict(scope.get("headers", [])).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.cfg.max_body_bytes):
+                return await self._reject(counted_send, 413, f"the request body is larger than "
+                                          f"{self.cfg.max_body_bytes} bytes", "invalid_request_error", "request_too_large")
+            await self.app(scope, self._limited(receive), counted_send)
+        finally:
+            self.metrics.request(endpoint, status["code"])
+
+    def _authorized(self, scope) -> bool:
+        auth = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
+        token = auth[7:] if auth[:7].lower() == "bearer " else ""
+        return hmac.compare_digest(token.encode(), self.cfg.api_key.encode())
+
+    def _limited(self, receive):
+        seen = {"n": 0}
+
+        async def wrapped():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen["n"] += len(message.get("body", b""))
+                if seen["n"] > self.cfg.max_body_bytes:
+                    raise P.ApiError(413, f"the request body is larger than {self.cfg.max_body_bytes} bytes",
+                                     code="request_too_large")
+            return message
+
+        return wrapped
+
+    @staticmethod
+    async def _reject(send, status: int, message: str, type_: str, code: str) -> None:
+        body = json.dumps(P.error_body(message, type_, None, code)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

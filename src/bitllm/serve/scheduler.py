@@ -1,0 +1,324 @@
+"""The engine loop: one thread owns the model's running `Batch` and decodes every active request in
+one batched step (continuous batching: requests join and leave between steps).
+
+The async web handlers never touch the Batch. They `submit` a request (answered at once with
+`QueueFull` when the waiting queue is full), read its events from an asyncio queue, and `cancel` it
+when the client goes away. The loop thread admits waiting requests, cancels what was asked, drops
+requests past their deadline, calls `Batch.step()` once, and forwards each step's text pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bitllm.engine.sampling import SamplingParams
+
+log = logging.getLogger("bitllm.serve")
+
+
+class QueueFull(Exception):
+    """The waiting queue is full; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the server is busy; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class Event:
+    """What a handler reads: kind "text" (piece), "done" (finish_reason, usage) or "error" (message)."""
+
+    kind: str
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: int = 500
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    deadline: float
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    id: int = 0
+    seq_id: int | None = None
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+
+    def push(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the handler's event loop is closed (server shutting down)
+            pass
+
+
+class Metrics:
+    """Counters the engine loop and the handlers update, rendered in Prometheus' text format."""
+
+    BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: collections.Counter = collections.Counter()  # (endpoint, status code) -> n
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cancelled = 0
+        self.timeouts = 0
+        self.rejected = 0
+        self.steps = 0
+        self.step_seconds = 0.0
+        self.batch_hist = [0] * (len(self.BUCKETS) + 1)  # per-bucket counts, last = +Inf
+        self.batch_sum = 0
+        self.recent: collections.deque = collections.deque()  # (time, tokens) of recent steps for tok/s
+
+    def request(self, endpoint: str, status: int) -> None:
+        with self.lock:
+            self.requests[(endpoint, status)] += 1
+
+    def step(self, size: int, seconds: float) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.steps += 1
+            self.step_seconds += seconds
+            self.batch_sum += size
+            self.batch_hist[next((i for i, b in enumerate(self.BUCKETS) if size <= b), len(self.BUCKETS))] += 1
+            self.recent.append((now, size))
+            while self.recent and self.recent[0][0] < now - 10.0:
+                self.recent.popleft()
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last 10 s (each step yields one token per sequence)."""
+        now = time.monotonic()
+        with self.lock:
+            pts = [(t, n) for t, n in self.recent if t >= now - 10.0]
+        if not pts:
+            return 0.0
+        return sum(n for _, n in pts) / max(now - pts[0][0], 1e-3)
+
+    def render(self, gauges: dict[str, tuple[str, float]]) -> str:
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            out.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}")
+            out.extend(f"{name}{labels} {value:g}" for labels, value in samples)
+
+        with self.lock:
+            metric("bitllm_requests_total", "counter", "HTTP requests answered, by endpoint and status code.",
+                   [(f'{{endpoint="{e}",code="{c}"}}', n) for (e, c), n in sorted(self.requests.items())] or [("", 0)])
+            metric("bitllm_prompt_tokens_total", "counter", "Prompt tokens admitted.", [("", self.prompt_tokens)])
+            metric("bitllm_completion_tokens_total", "counter", "Tokens generated.", [("", self.completion_tokens)])
+            metric("bitllm_cancelled_total", "counter", "Requests cancelled because the client went away.", [("", self.cancelled)])
+            metric("bitllm_timeouts_total", "counter", "Requests stopped at their deadline.", [("", self.timeouts)])
+            metric("bitllm_rejected_total", "counter", "Requests refused with 429 (queue full).", [("", self.rejected)])
+            metric("bitllm_engine_step_seconds_total", "counter", "Time spent in batched engine steps.", [("", self.step_seconds)])
+            cum, samples = 0, []
+            for b, n in zip(self.BUCKETS, self.batch_hist):
+                cum += n
+                samples.append((f'_bucket{{le="{b}"}}', cum))
+            samples += [('_bucket{le="+Inf"}', self.steps), ("_sum", self.batch_sum), ("_count", self.steps)]
+            out.append("# HELP bitllm_batch_size Sequences in each batched engine step.\n# TYPE bitllm_batch_size histogram")
+            out.extend(f"bitllm_batch_size{s} {v:g}" for s, v in samples)
+        for name, (help_, value) in gauges.items():
+            metric(name, "gauge", help_, [("", value)])
+        metric("bitllm_tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.", [("", self.tokens_per_second())])
+        return "\n".join(out) + "\n"
+
+
+class EngineLoop:
+    """Owns `llm.batch()` in one thread; `max_batch` sequences decode together, `max_queue` may wait."""
+
+    def __init__(self, llm, *, max_batch: int = 16, max_queue: int = 64, timeout: float = 300.0,
+                 metrics: Metrics | None = None) -> None:
+        self.llm = llm
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.timeout = timeout
+        self.metrics = metrics or Metrics()
+        self.batch = llm.batch()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._live: dict[int, Request] = {}  # seq_id -> request
+        self._cancel: list[Request] = []
+        self._cond = threading.Condition()
+        self._ids = itertools.count()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="bitllm-engine", daemon=True)
+
+    # -- called from the web handlers (any thread) ----------------------------------------------
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, prompt: list[int], params: SamplingParams, timeout: float | None = None) -> Request:
+        """Queue a request; its events arrive on `request.events`. Raises QueueFull."""
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                with self.metrics.lock:
+                    self.metrics.rejected += 1
+                raise QueueFull(self._retry_after())
+            req = Request(prompt, params, time.monotonic() + (timeout or self.timeout), loop, asyncio.Queue(),
+                          id=next(self._ids))
+            self._waiting.append(req)
+            self._cond.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request (client gone): its sequence is cancelled and its KV cache slot freed."""
+        with self._cond:
+            if req.cancelled:
+                return
+            req.cancelled = True
+            if req in self._waiting:
+                self._waiting.remove(req)
+                with self.metrics.lock:
+                    self.metrics.cancelled += 1
+            else:
+                self._cancel.append(req)
+                self._cond.notify()
+
+    def depth(self) -> tuple[int, int]:
+        """(waiting, live) request counts."""
+        with self._cond:
+            return len(self._waiting), len(self._live)
+
+    def kv_sequences(self) -> int:
+        """Sequences holding a KV cache slot in the engine (the native engine's own count when it has one)."""
+        engine = getattr(self.llm.backend, "engine", None)
+        if engine is not None and hasattr(engine, "num_sequences"):
+            return int(engine.num_sequences())
+        return sum(1 for s in self.batch.seqs.values() if s.slot is not None)
+
+    def _retry_after(self) -> int:
+        """Seconds until a queue slot is likely free: the queue drains about max_batch requests per
+        (average request length / tok/s); at least 1."""
+        rate = self.metrics.tokens_per_second()
+        if rate <= 0:
+            return 1
+        avg_len = max(1, sum(r.params.max_new_tokens for r in self._waiting) // max(1, len(self._waiting)))
+        return max(1, min(60, round(len(self._waiting) * avg_len / rate)))
+
+    # -- the loop thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and not self._live and not self._cancel:
+                    self._cond.wait(timeout=1.0)
+                if self._stop:
+                    break
+                cancels, self._cancel = self._cancel, []
+                admit = []
+                while self._waiting and len(self._live) + len(admit) < self.max_batch:
+                    admit.append(self._waiting.popleft())
+                expired = [r for r in self._waiting if time.monotonic() > r.deadline]
+                for r in expired:
+                    self._waiting.remove(r)
+            try:
+                self._housekeep(cancels, admit, expired)
+                if self._live:
+                    self._step()
+            except Exception:  # keep serving: fail the requests in flight, start a fresh batch
+                log.exception("engine step failed; failing %d live request(s)", len(self._live))
+                for req in list(self._live.values()):
+                    req.push(Event("error", text="internal error in the inference engine", status=500))
+                self._drop_all()
+        self._drop_all()
+        with self._cond:
+            for req in self._waiting:
+                req.push(Event("error", text="the server is shutting down", status=503))
+            self._waiting.clear()
+
+    def _housekeep(self, cancels: list[Request], admit: list[Request], expired: list[Request]) -> None:
+        for req in cancels:
+            if req.seq_id is not None and req.seq_id in self._live:
+                self._forget(req)
+            with self.metrics.lock:
+                self.metrics.cancelled += 1
+        now = time.monotonic()
+        for req in expired + [r for r in self._live.values() if now > r.deadline]:
+            if req.seq_id is not None:
+                self._forget(req)
+            with self.metrics.lock:
+                self.metrics.timeouts += 1
+            req.push(Event("error", text="the request ran past the server's timeout", status=504))
+        for req in admit:
+            if req.cancelled:
+                continue
+            if now > req.deadline:
+                with self.metrics.lock:
+                    self.metrics.timeouts += 1
+                req.push(Event("error", text="the request waited past the server's timeout", status=504))
+                continue
+            try:
+                req.seq_id = self.batch.add(req.prompt, req.params)
+            except Exception as e:  # bad prompt for this model: the handler validated most of it
+                from bitllm.errors import BitLLMError
+
+                req.push(Event("error", text=str(e) if isinstance(e, BitLLMError) else "internal error",
+                               status=400 if isinstance(e, BitLLMError) else 500))
+                continue
+            with self.metrics.lock:
+                self.metrics.prompt_tokens += len(req.prompt)
+            with self._cond:
+                self._live[req.seq_id] = req
+            if self.batch.seqs[req.seq_id].finished:  # max_tokens 0
+                self._deliver(req)
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        events = self.batch.step()  # one batched forward over every live sequence
+        self.metrics.step(len(events), time.perf_counter() - t0)
+        with self.metrics.lock:
+            self.metrics.completion_tokens += len(events)
+        for ev in events:
+            req = self._live.get(ev.seq_id)
+            if req is not None:
+                self._deliver(req)
+
+    def _deliver(self, req: Request) -> None:
+        piece = self.batch.text_delta(req.seq_id)
+        if piece:
+            req.push(Event("text", text=piece))
+        seq = self.batch.seqs[req.seq_id]
+        if seq.finished:
+            req.push(Event("done", finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt),
+                           completion_tokens=len(seq.generated)))
+            self._forget(req)
+
+    def _forget(self, req: Request) -> None:
+        """Cancel (if still running) and release the sequence: frees its KV cache slot."""
+        if req.seq_id in self.batch.seqs:
+            self.batch.release(req.seq_id)
+        with self._cond:
+            self._live.pop(req.seq_id, None)
+
+    def _drop_all(self) -> None:
+        for req in list(self._live.values()):
+            try:
+                self.batch.release(req.seq_id)
+            except Exception:
+                pass
+        with self._cond:
+            self._live.clear()
+        self.batch = self.llm.batch()
+
+    def info(self) -> dict[str, Any]:
+        waiting, live = self.depth()
+        return {"waiting": waiting, "live": live, "max_batch": self.max_batch, "max_queue": self.max_queue}

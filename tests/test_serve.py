@@ -1,0 +1,291 @@
+"""The OpenAI-compatible server, driven by the real `openai` client and raw httpx on loopback.
+
+Each test starts the app in a background thread on a free 127.0.0.1 port and stops it at the end.
+The model is a tiny random ternary llama (I2 checkpoint) with a byte-level BPE tokenizer and a chat
+template; outputs are compared with the engine's own `LLM.generate` / `LLM.chat`, so the server
+must be a transparent shell. Tests that need requests to overlap slow each engine step down.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+import bitllm  # noqa: E402
+from bitllm.serve import ServeConfig, Server  # noqa: E402
+from bitllm.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    model = tiny_model("llama", vocab_size=320, hidden=64, layers=2, embed_std=1.0)
+    bitllm.quantize_(model, bitllm.config_for("ternary"))
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    path = tmp_path_factory.mktemp("serve") / "tiny"
+    bitllm.save_pretrained(model, path, "i2", tokenizer=tok)
+    return bitllm.LLM(path, threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    with Server(llm, ServeConfig(model_name="tiny", max_tokens=256, max_prompt_tokens=100)) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+@pytest.fixture
+def slow(llm, monkeypatch):
+    """Make every engine step take >= `delay` s, so that requests overlap on a fast tiny model."""
+    forward = llm.backend.forward
+
+    def set_delay(delay: float):
+        def slow_forward(*a, **k):
+            time.sleep(delay)
+            return forward(*a, **k)
+
+        monkeypatch.setattr(llm.backend, "forward", slow_forward)
+
+    return set_delay
+
+
+def metric(url: str, name: str, headers=None) -> float:
+    text = httpx.get(url + "/metrics", headers=headers).text
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, f"{name} missing from /metrics"
+    return float(m.group(1))
+
+
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# --- the OpenAI surface ------------------------------------------------------------------------
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok" and h["live"] == 0
+
+
+def test_completion_matches_engine(llm, client):
+    want = llm.generate("The quick brown", max_new_tokens=12, ignore_eos=False)
+    r = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=12, temperature=0)
+    assert r.choices[0].text == want
+    assert r.choices[0].finish_reason == want.finish_reason
+    assert r.usage.prompt_tokens == want.prompt_tokens == len(llm.encode("The quick brown"))
+    assert r.usage.completion_tokens == len(want.token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    ids = llm.encode("lazy dog")  # token-id prompts are accepted too
+    assert client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0).choices[0].text == \
+        llm.generate(ids, max_new_tokens=5)
+
+
+def test_chat_matches_engine(llm, client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Shall I compare thee?"}]
+    want = llm.chat(messages, max_new_tokens=10)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want
+    assert r.usage.prompt_tokens == len(llm.chat_ids(messages))
+
+
+def test_streaming(llm, server, client):
+    messages = [{"role": "user", "content": "A ternary weight is"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1  # it really streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    pieces = client.completions.create(model="tiny", prompt="The quick", max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in pieces) == llm.generate("The quick", max_new_tokens=10)
+    # the raw wire format: one `data: {json}` line per event, ending with `data: [DONE]`
+    with httpx.stream("POST", server.url + "/v1/completions",
+                      json={"prompt": "The quick", "max_tokens": 5, "temperature": 0, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data:")]
+    assert lines[-1] == "data: [DONE]"
+    assert all(json.loads(ln[5:])["object"] == "text_completion" for ln in lines[:-1])
+
+
+def test_stop_sequences(llm, client):
+    full = llm.generate("In the beginning", max_new_tokens=24, ignore_eos=True)
+    stop = full[6:9]
+    assert len(stop) == 3
+    want = llm.generate("In the beginning", max_new_tokens=24, ignore_eos=True, stop=[stop])
+    assert want == full[:full.find(stop)]
+    r = client.completions.create(model="tiny", prompt="In the beginning", max_tokens=24, temperature=0,
+                                  stop=[stop, "never-seen"], extra_body={"ignore_eos": True})
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tiny", prompt="In the beginning", max_tokens=24, temperature=0,
+                                         stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == want
+
+
+def test_sampling_seed_is_reproducible(client):
+    kw = dict(model="tiny", prompt="0123", max_tokens=12, temperature=1.0, top_p=0.9)
+    a = client.completions.create(seed=7, **kw).choices[0].text
+    assert a == client.completions.create(seed=7, **kw).choices[0].text
+
+
+# --- safety ---------------------------------------------------------------------------------------
+
+
+def test_api_key(llm):
+    with Server(llm, ServeConfig(model_name="tiny", api_key=KEY)) as s:
+        assert httpx.get(s.url + "/health").status_code == 200
+        for method, path in [("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/completions"),
+                             ("POST", "/v1/chat/completions")]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+                r = httpx.request(method, s.url + path, headers=headers, json={"prompt": "x"})
+                assert r.status_code == 401, (path, headers)
+                assert r.json()["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        ok = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
+        assert ok.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens >= 1
+
+
+def error_of(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_malformed_requests(server, client):
+    url = server.url
+    bad_json = httpx.post(url + "/v1/completions", content=b'{"prompt": ', headers={"content-type": "application/json"})
+    assert "JSON" in error_of(bad_json, 400)["message"]
+    assert error_of(httpx.post(url + "/v1/completions", json={"max_tokens": 3}), 400)["param"] == "prompt"
+    assert error_of(httpx.post(url + "/v1/completions", json={"prompt": "x", "temperature": 9}), 400)["param"] == "temperature"
+    assert error_of(httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": -1}), 400)["param"] == "max_tokens"
+    assert error_of(httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 10_000}), 400)["param"] == "max_tokens"
+    assert error_of(httpx.post(url + "/v1/completions", json={"prompt": "x", "n": 3}), 400)["param"] == "n"
+    assert error_of(httpx.post(url + "/v1/completions", json={"prompt": ""}), 400)["param"] == "prompt"
+    assert error_of(httpx.post(url + "/v1/completions", json={"prompt": [1, 99999]}), 400)["message"]
+    assert error_of(httpx.post(url + "/v1/chat/completions", json={"messages": []}), 400)["param"] == "messages"
+    assert error_of(httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]}), 400)
+    long = error_of(httpx.post(url + "/v1/completions", json={"prompt": "word " * 300}), 400)
+    assert long["code"] == "context_length_exceeded" and "at most 100" in long["message"]
+    big = httpx.post(url + "/v1/completions", json={"prompt": "x" * (2 << 20)})
+    assert error_of(big, 413)["code"] == "request_too_large"
+    assert error_of(httpx.get(url + "/v1/nothing"), 404)["type"] == "not_found_error"
+    with pytest.raises(openai.BadRequestError, match="stop"):
+        client.completions.create(model="tiny", prompt="x", stop=["a", "b", "c", "d", "e"])
+
+
+def test_internal_errors_are_clean_500(llm, server, client, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("secret detail /home/x/file.py line 3")
+
+    monkeypatch.setattr(llm, "encode", boom)
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "hello"})
+    err = error_of(r, 500)
+    assert err["type"] == "server_error" and "secret" not in r.text and "Traceback" not in r.text
+    monkeypatch.undo()
+    monkeypatch.setattr(llm.backend, "forward", boom)  # the engine loop itself fails mid-step
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 4})
+    assert error_of(r, 500)["type"] == "server_error" and "secret" not in r.text
+    monkeypatch.undo()
+    assert client.completions.create(model="tiny", prompt="hello", max_tokens=4).usage.completion_tokens >= 1  # still serving
+
+
+# --- concurrency ------------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_share_steps(llm, slow):
+    """Concurrent requests decode in the same batched steps, with the same greedy output as alone."""
+    prompts = ["The quick", "Binary weights", "Thou art", "0123456789"]
+    want = [llm.generate(p, max_new_tokens=16, ignore_eos=True) for p in prompts]
+    slow(0.01)
+    with Server(llm, ServeConfig(model_name="tiny")) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=30)
+        got = [None] * len(prompts)
+
+        def one(i):
+            got[i] = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=16, temperature=0,
+                                               extra_body={"ignore_eos": True}).choices[0].text
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert got == want
+        count = metric(s.url, "bitllm_batch_size_count")
+        singles = metric(s.url, 'bitllm_batch_size_bucket{le="1"}')
+        assert metric(s.url, "bitllm_batch_size_sum") == 4 * 16  # one token per sequence per step
+        assert count - singles >= 8, "requests did not share engine steps"
+
+
+def test_overload_answers_429(llm, slow):
+    slow(0.02)
+    with Server(llm, ServeConfig(model_name="tiny", max_batch=1, max_queue=1)) as s:
+        body = {"prompt": "x", "max_tokens": 250, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body) as first:  # decoding
+            lines = first.iter_lines()  # keep a reference: a dropped iterator closes the response
+            next(lines)
+            with httpx.stream("POST", s.url + "/v1/completions", json=body) as second:  # waiting
+                assert second.status_code == 200
+                assert wait_for(lambda: httpx.get(s.url + "/health").json()["waiting"] == 1)
+                third = httpx.post(s.url + "/v1/completions", json=body)
+                err = error_of(third, 429)
+                assert err["type"] == "rate_limit_error" and int(third.headers["retry-after"]) >= 1
+                with pytest.raises(openai.RateLimitError):
+                    openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0).completions.create(
+                        model="tiny", prompt="x", max_tokens=3)
+        assert metric(s.url, "bitllm_rejected_total") == 2
+        assert wait_for(lambda: s.engine.kv_sequences() == 0)
+
+
+def test_disconnect_cancels_and_frees_kv(llm, slow):
+    slow(0.02)
+    with Server(llm, ServeConfig(model_name="tiny")) as s:
+        body = {"prompt": "The quick", "max_tokens": 250, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data:")
+            assert s.engine.kv_sequences() == 1
+        # the client closed the stream after one chunk: its sequence is cancelled, its KV slot freed
+        assert wait_for(lambda: s.engine.kv_sequences() == 0 and metric(s.url, "bitllm_cancelled_total") == 1)
+        assert metric(s.url, "bitllm_completion_tokens_total") < 100
+        # a non-streaming client that gives up (read timeout) is noticed too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 250, "ignore_eos": True}, timeout=0.5)
+        assert wait_for(lambda: s.engine.kv_sequences() == 0 and metric(s.url, "bitllm_cancelled_total") == 2)
+        assert httpx.get(s.url + "/health").json()["live"] == 0
+
+
+def test_request_timeout(llm, slow):
+    slow(0.02)
+    with Server(llm, ServeConfig(model_name="tiny", timeout=0.3)) as s:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 200, "ignore_eos": True})
+        assert error_of(r, 504)["type"] == "timeout"
+        assert metric(s.url, "bitllm_timeouts_total") == 1 and s.engine.kv_sequences() == 0
