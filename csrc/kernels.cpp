@@ -1,6 +1,7 @@
 // Kernel front door: CPU probe + ISA table (picked once), packing, the activation quantizer,
 // threading over output rows, and the bandwidth probe. The per-ISA math lives in kernels_<isa>.cpp.
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cmath>
 #include <chrono>
@@ -163,7 +164,7 @@ static const KernelTable& table_for(Isa isa) {
 // Threads
 // ============================================================================================
 
-static int g_threads = [] {
+static std::atomic<int> g_threads = [] {
 #ifdef _OPENMP
     return std::max(1, omp_get_max_threads());
 #else
@@ -181,7 +182,7 @@ int get_num_threads() { return g_threads; }
 template <class Fn>
 static void parallel_rows(int64_t N, int64_t work_per_row, Fn fn) {
     const int64_t align = 16;
-    int nt = g_threads;
+    int nt = g_threads.load(std::memory_order_relaxed);
     // Below ~64k weights of work a thread costs more than it brings.
     if (N * work_per_row < (1 << 16)) nt = 1;
     nt = (int)std::min<int64_t>(nt, (N + align - 1) / align);
@@ -296,7 +297,10 @@ void quantize_generic(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t*
             // subtracting 1.5·2^23 rounds to an integer in the default rounding mode (= torch.round).
             float r = xr[k] * s;
             r = (r + 12582912.0f) - 12582912.0f;
-            r = r < -128.0f ? -128.0f : (r > 127.0f ? 127.0f : r);
+            // Clamp written so that NaN lands on -128 (like _mm256_max_ps(r, -128) does): NaN/inf
+            // inputs give unspecified but identical results in every variant, never UB.
+            r = r >= -128.0f ? r : -128.0f;
+            r = r <= 127.0f ? r : 127.0f;
             const int8_t v = (int8_t)(int)r;
             qr[k] = v;
             sum += v;

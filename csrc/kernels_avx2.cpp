@@ -299,7 +299,8 @@ void quantize_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q,
         int8_t* qr = q + m * ldq;
         __m256 mx = _mm256_setzero_ps();
         int64_t k = 0;
-        for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
+        // max_ps returns its second operand when either is NaN: NaNs are skipped, as in the scalar loop.
+        for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)), mx);
         float lanes[8];
         _mm256_storeu_ps(lanes, mx);
         float amax = 0.0f;
@@ -326,7 +327,8 @@ void quantize_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q,
         for (; k < K; ++k) {
             float r = xr[k] * s;
             r = (r + 12582912.0f) - 12582912.0f;  // rint, as in quantize_generic
-            r = r < -128.0f ? -128.0f : (r > 127.0f ? 127.0f : r);
+            r = r >= -128.0f ? r : -128.0f;
+            r = r <= 127.0f ? r : 127.0f;
             qr[k] = (int8_t)(int)r;
             total += qr[k];
         }

@@ -61,7 +61,7 @@ def _check(stdout: str, must_run: list[str], record_property, target: str) -> No
 @pytest.mark.skipif(not IS_X86, reason="x86-64 host only")
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
 def test_native_x86_sanitizers(tmp_path, record_property):
-    san = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+    san = ["-O1", "-g", "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
     exe = _build("g++", tmp_path / "test_kernels_asan", X86_FLAGS, san)
     r = _run([str(exe)])
     _check(r.stdout, ["generic"], record_property, "x86-64 asan+ubsan")
