@@ -179,6 +179,36 @@ def chat(
         history.append({"role": "assistant", "content": reply})
 
 
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="bitllm checkpoint: local directory or hub id (needs a tokenizer)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; loopback unless you mean otherwise."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, envvar="BITLLM_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on every endpoint but /health and the chat page."),
+    model_name: Optional[str] = typer.Option(None, help="Model id in /v1/models and responses (default: the directory name)."),
+    threads: Optional[int] = typer.Option(None, help="Engine threads (default: every CPU this process may use)."),
+    max_batch: int = typer.Option(16, help="Most sequences decoded together in one engine step."),
+    max_queue: int = typer.Option(64, help="Most requests waiting to join the batch; beyond it, 429 with Retry-After."),
+    timeout: float = typer.Option(300.0, help="Seconds a request may take from arrival to its last token (then 504)."),
+    max_tokens: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt in tokens (default: the model's context - 1)."),
+    max_body_bytes: int = typer.Option(1 << 20, help="Largest request body in bytes (then 413)."),
+    head: str = typer.Option("f16", help="LM head precision in the native engine: f16 | i8."),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming) with a chat page at /."""
+    from bitllm.engine.llm import LLM
+    from bitllm.serve import ServeConfig
+    from bitllm.serve import serve as run_server
+
+    llm = LLM(model, threads=threads, head=head, verbose=True)
+    name = model_name or Path(str(model).rstrip("/")).name
+    cfg = ServeConfig(model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, timeout=timeout,
+                      max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes)
+    console.print(f"[green]serving[/green] {name} on http://{host}:{port}  (chat page at /, API at /v1)")
+    run_server(llm, host=host, port=port, config=cfg)
+
+
 def main() -> None:
     try:
         app()

@@ -201,9 +201,9 @@ PRESETS: dict[str, Preset] = {
                                vocab_size=512),
                    bit_lr=(4e-3, 2.5e-3), fp_lr=2e-3, warmup_steps=10, steps=60, batch_size=8, save_every=20),
     # `bitllm demo`: a few minutes per model on 2 CPU cores.
-    "demo": Preset(ModelConfig(hidden_size=192, intermediate_size=512, num_layers=4, num_heads=4, seq_len=128,
-                               vocab_size=4096),
-                   bit_lr=(3e-3, 2e-3), fp_lr=1.5e-3, warmup_steps=30, steps=300, batch_size=16, save_every=100),
+    "demo": Preset(ModelConfig(hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4, seq_len=128,
+                               vocab_size=2048),
+                   bit_lr=(3e-3, 2e-3), fp_lr=2e-3, warmup_steps=30, steps=300, batch_size=16, save_every=100),
     "small": Preset(ModelConfig(hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6, seq_len=256,
                                 vocab_size=8192),
                     bit_lr=(2.4e-3, 1.6e-3), fp_lr=8e-4, warmup_steps=100, steps=2000, batch_size=32, save_every=200),
