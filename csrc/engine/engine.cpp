@@ -274,24 +274,48 @@ static std::vector<int8_t> unpack_file(Layout layout, const std::string& name, c
         case Layout::I2: {
             const int64_t nb = (K + 3) / 4;
             expect(N, nb, "u8");
-            for (int64_t n = 0; n < N; ++n)
-                for (int64_t k = 0; k < K; ++k) {
-                    const int c = (d[n * nb + k / 4] >> (2 * (k % 4))) & 3;
-                    if (c == 3) bad(n, k);
-                    w[n * K + k] = (int8_t)(c - 1);
+            // byte -> its 4 weights (first column in the low bits); code 3 is invalid
+            int8_t lut[256][4];
+            bool ok[256];
+            for (int b = 0; b < 256; ++b) {
+                ok[b] = true;
+                for (int i = 0; i < 4; ++i) {
+                    const int c = (b >> (2 * i)) & 3;
+                    ok[b] = ok[b] && c != 3;
+                    lut[b][i] = (int8_t)(c - 1);
                 }
+            }
+            for (int64_t n = 0; n < N; ++n) {
+                const uint8_t* row = d + n * nb;
+                int8_t* wr = w.data() + n * K;
+                for (int64_t j = 0; j < nb; ++j) {
+                    const uint8_t b = row[j];
+                    if (!ok[b]) {
+                        for (int i = 0; i < 4; ++i)
+                            if (((b >> (2 * i)) & 3) == 3 && 4 * j + i < K) bad(n, 4 * j + i);
+                    }
+                    if (4 * j + 4 <= K) std::memcpy(wr + 4 * j, lut[b], 4);
+                    else
+                        for (int64_t i = 0; 4 * j + i < K; ++i) wr[4 * j + i] = lut[b][i];
+                }
+            }
             break;
         }
         case Layout::T1: {
             const int64_t nb = (K + 4) / 5;
             expect(N, nb, "u8");
-            for (int64_t n = 0; n < N; ++n)
+            int8_t lut[243][5];  // byte -> its 5 weights (first column = least significant trit)
+            for (int b = 0; b < 243; ++b)
+                for (int i = 0, v = b; i < 5; ++i, v /= 3) lut[b][i] = (int8_t)(v % 3 - 1);
+            for (int64_t n = 0; n < N; ++n) {
+                const uint8_t* row = d + n * nb;
+                int8_t* wr = w.data() + n * K;
                 for (int64_t j = 0; j < nb; ++j) {
-                    int b = d[n * nb + j];
+                    const uint8_t b = row[j];
                     if (b >= 243) bad(n, 5 * j);
-                    for (int i = 0; i < 5; ++i, b /= 3)
-                        if (5 * j + i < K) w[n * K + 5 * j + i] = (int8_t)(b % 3 - 1);
+                    for (int64_t i = 0; i < 5 && 5 * j + i < K; ++i) wr[5 * j + i] = lut[b][i];
                 }
+            }
             break;
         }
         case Layout::B1: {
@@ -328,13 +352,23 @@ void Engine::set_linear_tensor(Linear& L, const std::string& what, const std::st
     if (what == "weight") {
         const Layout layout = dtype == "i8" ? Layout::Int8 : cfg_.layout;
         std::vector<int8_t> w = unpack_file(layout, name, dtype, shape, (const uint8_t*)data, L.N, L.K);
-        const int64_t bad = find_invalid_weight(cfg_.kernel_format, w.data(), (int64_t)w.size());
-        if (bad >= 0)
-            throw EngineError("tensor '" + name + "': weight " + std::to_string((int)w[bad]) + " at row " +
-                              std::to_string(bad / L.K) + " does not fit kernel format " +
-                              format_name(cfg_.kernel_format));
+        // ternary files hold only {-1,0,1}; a binary kernel format (or raw int8) needs the check
+        if (layout == Layout::Int8 || cfg_.kernel_format == Format::B1) {
+            const int64_t bad = find_invalid_weight(cfg_.kernel_format, w.data(), (int64_t)w.size());
+            if (bad >= 0)
+                throw EngineError("tensor '" + name + "': weight " + std::to_string((int)w[bad]) + " at row " +
+                                  std::to_string(bad / L.K) + " does not fit kernel format " +
+                                  format_name(cfg_.kernel_format));
+        }
         L.packed.assign((size_t)packed_bytes(cfg_.kernel_format, L.N, L.K), 0);
-        pack(cfg_.kernel_format, w.data(), L.N, L.K, L.packed.data());
+        // rows are independent: repack in row chunks, one per thread
+        const int64_t rb = row_bytes(cfg_.kernel_format, L.K);
+        const int nt = std::max(1, std::min<int>(get_num_threads(), (int)(L.N / 64)));
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int t = 0; t < nt; ++t) {
+            const int64_t n0 = L.N * t / nt, n1 = L.N * (t + 1) / nt;
+            if (n1 > n0) pack(cfg_.kernel_format, w.data() + n0 * L.K, n1 - n0, L.K, L.packed.data() + n0 * rb);
+        }
         L.has_weight = true;
     } else if (what == "scale") {
         const int64_t n = numel(shape);
@@ -802,6 +836,7 @@ void Engine::forward(const int* ids, int n, const int32_t* tokens, const int64_t
         // ---- MLP ----
         if (phi) {  // parallel: x = (attn + mlp(h)) + x
             linear(Ly.up, h, M, f1);
+#pragma omp parallel for num_threads(nthreads()) if (M * F > 65536)
             for (int64_t i = 0; i < M * F; ++i) f1[i] = act_fn(cfg_.act, f1[i]);
             linear(Ly.down, f1, M, f2);
             for (int64_t i = 0; i < M * H; ++i) x[i] = (ob[i] + f2[i]) + x[i];
@@ -810,6 +845,7 @@ void Engine::forward(const int* ids, int n, const int32_t* tokens, const int64_t
             rmsnorm(x, Ly.ffn_norm.w.data(), cfg_.norm_eps, M, H, h);
             linear(Ly.gate, h, M, f1);
             linear(Ly.up, h, M, f2);
+#pragma omp parallel for num_threads(nthreads()) if (M * F > 65536)
             for (int64_t i = 0; i < M * F; ++i) f1[i] = act_fn(cfg_.act, f1[i]) * f2[i];
             if (bitnet) rmsnorm(f1, Ly.ffn_sub_norm.w.data(), cfg_.norm_eps, M, F, f1);
             linear(Ly.down, f1, M, ob);

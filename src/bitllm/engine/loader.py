@@ -184,7 +184,7 @@ def _dir_source(directory: Path) -> _Source:
     from bitllm.formats.safetensors_io import CheckpointReader
 
     r = CheckpointReader(directory)
-    return _Source(set(r.keys()), lambda k: r.get(k), lambda k: str(r.file_of(k)))
+    return _Source(set(r.keys()), lambda k: r.get(k, finite=False), lambda k: str(r.file_of(k)))  # C++ checks NaN/inf
 
 
 def _model_source(model: nn.Module) -> _Source:
