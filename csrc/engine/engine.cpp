@@ -461,6 +461,29 @@ void Engine::set_tensor(const std::string& name, const std::string& dtype, const
     throw EngineError("unknown tensor '" + name + "' for a " + std::to_string(cfg_.layers) + "-layer model");
 }
 
+// Stack linears that share their input into one (rows one after another; the kernel layout is
+// row-major, so the packed bytes simply concatenate). The parts are emptied.
+static bool fuse(std::vector<Linear*> parts, Linear& out) {
+    for (Linear* p : parts)
+        if (!p->norm.empty() || !p->input_factor.empty() || p->K != parts[0]->K) return false;
+    bool any_bias = false;
+    for (Linear* p : parts) any_bias = any_bias || !p->bias.empty();
+    out = Linear();
+    out.K = parts[0]->K;
+    for (Linear* p : parts) {
+        out.N += p->N;
+        out.packed.insert(out.packed.end(), p->packed.begin(), p->packed.end());
+        out.wscale.insert(out.wscale.end(), p->wscale.begin(), p->wscale.end());
+        if (any_bias) {
+            if (p->bias.empty()) out.bias.insert(out.bias.end(), (size_t)p->N, 0.f);
+            else out.bias.insert(out.bias.end(), p->bias.begin(), p->bias.end());
+        }
+        std::vector<uint8_t>().swap(p->packed);
+    }
+    out.has_weight = out.has_scale = true;
+    return true;
+}
+
 void Engine::finalize() {
     std::vector<std::string> missing;
     auto chk = [&](bool ok, const std::string& n) {
@@ -494,6 +517,11 @@ void Engine::finalize() {
         for (size_t i = 0; i < missing.size() && i < 5; ++i) m += " '" + missing[i] + "'";
         throw EngineError(m);
     }
+    if (cfg_.method != Method::OneBit)
+        for (auto& L : layers_) {
+            L.fused_qkv = fuse({&L.q, &L.k, &L.v}, L.qkv);
+            if (cfg_.family != Family::Phi) L.fused_gate_up = fuse({&L.gate, &L.up}, L.gate_up);
+        }
     if (cfg_.head == HeadMode::I8) {  // int8 per row: scale = max|w| / 127, q = round(w / scale)
         const std::vector<uint16_t>& src = cfg_.tied ? embed_ : head16_;
         const int64_t V = cfg_.vocab, H = cfg_.hidden;
@@ -519,7 +547,8 @@ size_t Engine::weight_bytes() const {
         return L.packed.size() + 4 * (L.wscale.size() + L.bias.size() + L.input_factor.size() + L.norm.size());
     };
     for (const auto& L : layers_)
-        b += lin(L.q) + lin(L.k) + lin(L.v) + lin(L.o) + lin(L.gate) + lin(L.up) + lin(L.down) +
+        b += lin(L.q) + lin(L.k) + lin(L.v) + lin(L.o) + lin(L.gate) + lin(L.up) + lin(L.down) + lin(L.qkv) +
+             lin(L.gate_up) +
              4 * (L.attn_norm.w.size() + L.attn_norm.b.size() + L.ffn_norm.w.size() + L.attn_sub_norm.w.size() +
                   L.ffn_sub_norm.w.size());
     return b;
@@ -529,7 +558,7 @@ size_t Engine::bytes_per_token() const {
     size_t b = 0;
     for (const auto& L : layers_)
         b += L.q.packed.size() + L.k.packed.size() + L.v.packed.size() + L.o.packed.size() + L.gate.packed.size() +
-             L.up.packed.size() + L.down.packed.size();
+             L.up.packed.size() + L.down.packed.size() + L.qkv.packed.size() + L.gate_up.packed.size();
     const size_t VH = (size_t)(cfg_.vocab * cfg_.hidden);
     b += cfg_.head == HeadMode::I8 ? VH : 2 * VH;
     return b;
@@ -814,9 +843,20 @@ void Engine::forward(const int* ids, int n, const int32_t* tokens, const int64_t
         // ---- attention ----
         if (phi) layernorm(x, Ly.attn_norm.w.data(), Ly.attn_norm.b.data(), cfg_.norm_eps, M, H, h);
         else rmsnorm(x, Ly.attn_norm.w.data(), cfg_.norm_eps, M, H, h);
-        linear(Ly.q, h, M, qb);
-        linear(Ly.k, h, M, kb);
-        linear(Ly.v, h, M, vb);
+        if (Ly.fused_qkv) {
+            const int64_t Nt = qd + 2 * kvd;
+            float* z = grow(fz_, M * Nt);  // (M, qd | kvd | kvd)
+            linear(Ly.qkv, h, M, z);
+            for (int64_t r = 0; r < M; ++r) {
+                std::memcpy(qb + r * qd, z + r * Nt, (size_t)qd * 4);
+                std::memcpy(kb + r * kvd, z + r * Nt + qd, (size_t)kvd * 4);
+                std::memcpy(vb + r * kvd, z + r * Nt + qd + kvd, (size_t)kvd * 4);
+            }
+        } else {
+            linear(Ly.q, h, M, qb);
+            linear(Ly.k, h, M, kb);
+            linear(Ly.v, h, M, vb);
+        }
         for (int64_t r = 0; r < M; ++r) {
             rope_row(qb + r * qd, nh, hd, cfg_.rotary_dim, cs.data() + r * h2, sn.data() + r * h2);
             rope_row(kb + r * kvd, cfg_.kv_heads, hd, cfg_.rotary_dim, cs.data() + r * h2, sn.data() + r * h2);
@@ -843,10 +883,20 @@ void Engine::forward(const int* ids, int n, const int32_t* tokens, const int64_t
         } else {
             for (int64_t i = 0; i < M * H; ++i) x[i] = x[i] + ob[i];
             rmsnorm(x, Ly.ffn_norm.w.data(), cfg_.norm_eps, M, H, h);
-            linear(Ly.gate, h, M, f1);
-            linear(Ly.up, h, M, f2);
+            if (Ly.fused_gate_up) {
+                float* z = grow(fz_, M * 2 * F);  // (M, gate F | up F)
+                linear(Ly.gate_up, h, M, z);
 #pragma omp parallel for num_threads(nthreads()) if (M * F > 65536)
-            for (int64_t i = 0; i < M * F; ++i) f1[i] = act_fn(cfg_.act, f1[i]) * f2[i];
+                for (int64_t i = 0; i < M * F; ++i) {
+                    const int64_t r = i / F, c = i % F;
+                    f1[i] = act_fn(cfg_.act, z[r * 2 * F + c]) * z[r * 2 * F + F + c];
+                }
+            } else {
+                linear(Ly.gate, h, M, f1);
+                linear(Ly.up, h, M, f2);
+#pragma omp parallel for num_threads(nthreads()) if (M * F > 65536)
+                for (int64_t i = 0; i < M * F; ++i) f1[i] = act_fn(cfg_.act, f1[i]) * f2[i];
+            }
             if (bitnet) rmsnorm(f1, Ly.ffn_sub_norm.w.data(), cfg_.norm_eps, M, F, f1);
             linear(Ly.down, f1, M, ob);
             for (int64_t i = 0; i < M * H; ++i) x[i] = x[i] + ob[i];

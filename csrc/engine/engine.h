@@ -76,6 +76,10 @@ struct Norm {
 struct Layer {
     Norm attn_norm, ffn_norm, attn_sub_norm, ffn_sub_norm;
     Linear q, k, v, o, gate, up, down;  // phi: o = dense, up = fc1, down = fc2, no gate
+    // q|k|v and gate|up stacked into one matrix (same input: one activation quantization, one GEMM)
+    // when the layers have no per-layer input transform (input RMSNorm, OneBit g).
+    Linear qkv, gate_up;
+    bool fused_qkv = false, fused_gate_up = false;
 };
 
 // ---- per-sequence state --------------------------------------------------------------------
@@ -132,7 +136,7 @@ private:
     bool finalized_ = false;
 
     // workspace (grown on demand)
-    std::vector<float> x_, h_, qb_, kb_, vb_, ab_, ob_, f1_, f2_, tmp_, scores_;
+    std::vector<float> x_, h_, qb_, kb_, vb_, ab_, ob_, f1_, f2_, tmp_, scores_, fz_;
     std::vector<int8_t> qact_;
     std::vector<float> xscale_;
     std::vector<int32_t> qsum_;
