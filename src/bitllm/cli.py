@@ -209,6 +209,69 @@ def serve(
     run_server(llm, host=host, port=port, config=cfg)
 
 
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="bitllm checkpoint or HF model directory (or hub id), or a .gguf file."),
+    ppl: list[str] = typer.Option([], "--ppl", help="Perplexity source: bundled | FILE.txt/.jsonl | DIR | hf:NAME[:CONFIG[:SPLIT]] | wikitext2. Repeatable."),
+    context: Optional[int] = typer.Option(None, help="Perplexity window in tokens (default: the model's context)."),
+    stride: Optional[int] = typer.Option(None, help="Perplexity stride in tokens (default: the window, disjoint)."),
+    max_tokens: int = typer.Option(16384, help="Score at most this many tokens per split."),
+    tasks: list[str] = typer.Option([], "--tasks", "-t", help="lm-eval tasks (comma-separated or repeated); 'local' = the offline tasks."),
+    include_path: Optional[str] = typer.Option(None, help="lm-eval --include_path (local tasks are built on first use otherwise)."),
+    limit: Optional[float] = typer.Option(None, help="lm-eval --limit: docs per task (or a fraction)."),
+    num_fewshot: Optional[int] = typer.Option(None, help="lm-eval --num_fewshot."),
+    lm_eval_arg: list[str] = typer.Option([], "--lm-eval-arg", help="Any further lm_eval.simple_evaluate argument, KEY=VALUE (JSON values parse)."),
+    model_type: str = typer.Option("bitllm", help="lm-eval model: bitllm (this adapter) | hf (lm-eval's transformers model)."),
+    backend: str = typer.Option("auto", help="auto | native | hf | llama.cpp | transformers (GGUF)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer directory or hub id (e.g. for a GGUF)."),
+    threads: Optional[int] = typer.Option(None, help="Threads (default: every CPU this process may use)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for eval.json, eval.md and plots."),
+) -> None:
+    """Perplexity (sliding window) and zero-shot accuracy (lm-eval) of a 1-bit model, an fp twin or a GGUF."""
+    from bitllm.eval.runner import evaluate, parse_kv
+
+    task_list = [t for item in tasks for t in item.split(",") if t]
+    if not ppl and not task_list:
+        raise BitLLMError("nothing to do: give --ppl SOURCE and/or --tasks TASKS (e.g. --ppl bundled --tasks local)")
+    from bitllm.eval.report import ppl_markdown, zeroshot_markdown
+
+    res = evaluate(model, ppl=ppl, tasks=task_list, context=context, stride=stride, max_tokens=max_tokens,
+                   backend=backend, threads=threads, tokenizer=tokenizer, include_path=include_path, limit=limit,
+                   num_fewshot=num_fewshot, model_type=model_type, lm_eval_kwargs=parse_kv(lm_eval_arg),
+                   output=output, log=lambda s: console.print(s))
+    if res["perplexity"]:
+        print(ppl_markdown(res["perplexity"]))
+    if res["zeroshot"]:
+        print(zeroshot_markdown(res["zeroshot"]))
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="bitllm checkpoint directory."),
+    baseline: list[str] = typer.Option([], "--baseline", "-b", help="fp | llama.cpp (repeatable), measured in the same run."),
+    fp_model: Optional[str] = typer.Option(None, help="The fp twin/teacher for --baseline fp (default: a same-shape random fp twin)."),
+    fp_dtype: str = typer.Option("float32", help="dtype of the generated fp twin: float32 | bfloat16."),
+    prompt_tokens: int = typer.Option(128, help="Prompt length for prefill and decode."),
+    gen_tokens: int = typer.Option(32, help="Tokens decoded per repetition."),
+    reps: int = typer.Option(5, help="Repetitions after a warm-up (median and min are reported)."),
+    batch_sizes: str = typer.Option("1,4,16", help="Batch sizes for throughput through LLM.batch()."),
+    threads: Optional[int] = typer.Option(None, help="Threads (default: every CPU this process may use)."),
+    watts_per_core: float = typer.Option(4.0, help="Assumed W per busy core for the energy ESTIMATE when RAPL is unreadable."),
+    output: Path = typer.Option(Path("bench-results"), "--output", "-o", help="Directory for bench.json, bench.md, bench.png."),
+) -> None:
+    """Size, memory, prefill/decode speed, latency percentiles, batched throughput and energy, vs baselines."""
+    from bitllm.eval.bench import BenchConfig, run_bench
+    from bitllm.eval.report import bench_markdown, write_bench_report
+
+    cfg = BenchConfig(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=reps, threads=threads,
+                      batch_sizes=tuple(int(b) for b in batch_sizes.split(",") if b), watts_per_core=watts_per_core)
+    res = run_bench(model, baseline, fp_model=fp_model, fp_dtype=fp_dtype, cfg=cfg, workdir=output / "work",
+                    progress=lambda s: console.print(s)).as_dict()
+    paths = write_bench_report(res, output)
+    print(bench_markdown(res))
+    console.print(f"[green]wrote[/green] {', '.join(str(p) for p in paths.values())}")
+
+
 def main() -> None:
     try:
         app()
