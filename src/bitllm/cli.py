@@ -57,6 +57,8 @@ def train(
         overrides["steps"] = steps
     cfg = resolve_config(preset, config, quant, layout, overrides)
     result = run_training(cfg, resume=resume, overwrite=overwrite)
+    if not result.is_main_process:
+        return
     ppl = ", ".join(f"{k} {v:.2f} (unigram {result.unigram_ppl.get(k, float('nan')):.2f})" for k, v in result.heldout_ppl.items())
     console.print(f"[green]trained[/green] {result.model_dir}  held-out perplexity: {ppl}")
 

@@ -46,6 +46,7 @@ class TrainResult:
     tokens_per_s: float
     params: int
     metrics: dict[str, Any] = field(default_factory=dict)
+    is_main_process: bool = True
 
 
 # --- model ----------------------------------------------------------------------------------------------
@@ -305,6 +306,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, co
     accelerator.wait_for_everyone()
     if result is None:  # other ranks: the numbers rank 0 wrote
         result = _result_from_metrics(out, params, state)
+        result.is_main_process = False
     return result
 
 
