@@ -8,14 +8,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <condition_variable>
+#include <memory>
 #include <mutex>
+#include <thread>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__aarch64__) && defined(__linux__)
 #include <asm/hwcap.h>
 #include <sys/auxv.h>
@@ -164,13 +164,7 @@ static const KernelTable& table_for(Isa isa) {
 // Threads
 // ============================================================================================
 
-static std::atomic<int> g_threads = [] {
-#ifdef _OPENMP
-    return std::max(1, omp_get_max_threads());
-#else
-    return 1;
-#endif
-}();
+static std::atomic<int> g_threads{(int)std::max(1u, std::thread::hardware_concurrency())};
 
 void set_num_threads(int n) {
     if (n < 1) throw std::invalid_argument("set_num_threads: n must be >= 1");
@@ -178,30 +172,110 @@ void set_num_threads(int n) {
 }
 int get_num_threads() { return g_threads; }
 
-// Split rows [0, N) into `nt` contiguous ranges aligned to `align` rows and run fn(n0, n1) on each.
+namespace {
+
+// A job is a number of chunks; whoever is free claims the next one. The calling thread works too
+// and waits only for chunks that were claimed, so a worker the OS has not scheduled yet (a busy
+// machine) delays nothing: a fork-join barrier (OpenMP) would wait for it a whole time slice.
+struct Job {
+    void (*call)(void* ctx, int64_t chunk);
+    void* ctx;
+    int64_t total;
+    std::atomic<int64_t> next{0}, done{0};
+};
+
+class Pool {
+public:
+    void run(int nt, const std::shared_ptr<Job>& job) {
+        ensure(nt - 1);
+        {
+            std::lock_guard<std::mutex> l(mu_);
+            job_ = job;
+            wanted_ = nt - 1;
+            ++gen_;
+        }
+        cv_.notify_all();
+        work(*job);
+        while (job->done.load(std::memory_order_acquire) < job->total) std::this_thread::yield();
+        std::lock_guard<std::mutex> l(mu_);
+        if (job_ == job) job_.reset();
+    }
+
+private:
+    static void work(Job& j) {
+        for (;;) {
+            const int64_t c = j.next.fetch_add(1, std::memory_order_relaxed);
+            if (c >= j.total) return;
+            j.call(j.ctx, c);
+            j.done.fetch_add(1, std::memory_order_release);
+        }
+    }
+    void ensure(int n) {
+        std::lock_guard<std::mutex> l(spawn_mu_);
+        while ((int)threads_.size() < n) {
+            const int id = (int)threads_.size();
+            threads_.emplace_back([this, id] { loop(id); });
+            threads_.back().detach();  // the pool lives for the whole process
+        }
+    }
+    void loop(int id) {
+        uint64_t seen = 0;
+        for (;;) {
+            std::shared_ptr<Job> j;  // keeps a late worker's job alive; it finds no chunk left
+            {
+                std::unique_lock<std::mutex> l(mu_);
+                cv_.wait(l, [&] { return gen_ != seen; });
+                seen = gen_;
+                if (id >= wanted_) continue;
+                j = job_;
+            }
+            if (j) work(*j);
+        }
+    }
+    std::mutex mu_, spawn_mu_;
+    std::condition_variable cv_;
+    std::vector<std::thread> threads_;
+    std::shared_ptr<Job> job_;
+    int wanted_ = 0;
+    uint64_t gen_ = 0;
+};
+
+Pool& pool() {
+    static Pool* p = new Pool();  // never destroyed: detached workers may still wait on it at exit
+    return *p;
+}
+
+// Run fn(c) for c in [0, chunks) on `nt` threads (the caller included).
+template <class Fn>
+void parallel_chunks(int nt, int64_t chunks, Fn& fn) {
+    if (nt <= 1 || chunks <= 1) {
+        for (int64_t c = 0; c < chunks; ++c) fn(c);
+        return;
+    }
+    auto job = std::make_shared<Job>();
+    job->call = [](void* ctx, int64_t c) { (*static_cast<Fn*>(ctx))(c); };
+    job->ctx = &fn;
+    job->total = chunks;
+    pool().run(nt, job);
+}
+
+}  // namespace
+
+// Rows [0, N) in contiguous chunks aligned to 16 rows, about 4 per thread, claimed dynamically.
 template <class Fn>
 static void parallel_rows(int64_t N, int64_t work_per_row, Fn fn) {
     const int64_t align = 16;
     int nt = g_threads.load(std::memory_order_relaxed);
-    // Below ~64k weights of work a thread costs more than it brings.
-    if (N * work_per_row < (1 << 16)) nt = 1;
+    if (N * work_per_row < (1 << 16)) nt = 1;  // below ~64k weights a thread costs more than it brings
     nt = (int)std::min<int64_t>(nt, (N + align - 1) / align);
     if (nt <= 1) {
         fn(0, N);
         return;
     }
-    const int64_t tiles = (N + align - 1) / align;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-    {
-        const int t = omp_get_thread_num();
-        const int64_t t0 = tiles * t / nt, t1 = tiles * (t + 1) / nt;
-        const int64_t n0 = std::min(N, t0 * align), n1 = std::min(N, t1 * align);
-        if (n1 > n0) fn(n0, n1);
-    }
-#else
-    fn(0, N);
-#endif
+    const int64_t chunk = ((N + 4 * nt - 1) / (4 * nt) + align - 1) / align * align;
+    const int64_t chunks = (N + chunk - 1) / chunk;
+    auto body = [&](int64_t c) { fn(c * chunk, std::min(N, (c + 1) * chunk)); };
+    parallel_chunks(nt, chunks, body);
 }
 
 // ============================================================================================
@@ -370,60 +444,46 @@ void gemm_f32(Format f, const uint8_t* packed, int64_t N, int64_t K, const float
 // ============================================================================================
 
 double stream_read_bandwidth(size_t bytes, int threads, int reps) {
-    bytes = std::max<size_t>(bytes / 256 * 256, 1 << 20);
+    constexpr size_t kChunk = 8 << 20;  // 8 MiB per claimed chunk
+    bytes = std::max<size_t>(bytes / kChunk * kChunk, kChunk);
     threads = std::max(1, threads);
     uint8_t* buf = static_cast<uint8_t*>(std::aligned_alloc(64, bytes));
     if (!buf) throw std::bad_alloc();
-    // First touch from the threads that will read (page placement), then read-only passes.
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const size_t c0 = bytes / 256 * t / nt * 256, c1 = bytes / 256 * (t + 1) / nt * 256;
-        std::memset(buf + c0, 1, c1 - c0);
-    }
+    const int64_t chunks = (int64_t)(bytes / kChunk);
+    auto touch = [&](int64_t c) { std::memset(buf + c * kChunk, 1, kChunk); };  // first touch
+    parallel_chunks(threads, chunks, touch);
+    std::vector<uint64_t> partial((size_t)chunks);
+    auto read = [&](int64_t c) {
+        const uint8_t* p = buf + c * kChunk;
+#if defined(__x86_64__)
+        __m128i s0 = _mm_setzero_si128(), s1 = s0, s2 = s0, s3 = s0;
+        for (size_t i = 0; i < kChunk; i += 64) {
+            s0 = _mm_add_epi64(s0, _mm_load_si128((const __m128i*)(p + i)));
+            s1 = _mm_add_epi64(s1, _mm_load_si128((const __m128i*)(p + i + 16)));
+            s2 = _mm_add_epi64(s2, _mm_load_si128((const __m128i*)(p + i + 32)));
+            s3 = _mm_add_epi64(s3, _mm_load_si128((const __m128i*)(p + i + 48)));
+        }
+        s0 = _mm_add_epi64(_mm_add_epi64(s0, s1), _mm_add_epi64(s2, s3));
+        uint64_t lanes[2];
+        _mm_storeu_si128((__m128i*)lanes, s0);
+        partial[c] = lanes[0] + lanes[1];
 #else
-    std::memset(buf, 1, bytes);
+        uint64_t s[4] = {0, 0, 0, 0};
+        for (size_t i = 0; i < kChunk; i += 32) {
+            uint64_t v[4];
+            std::memcpy(v, p + i, 32);
+            for (int j = 0; j < 4; ++j) s[j] += v[j];
+        }
+        partial[c] = s[0] + s[1] + s[2] + s[3];
 #endif
+    };
     double best = 1e30;
     volatile uint64_t sink = 0;
     for (int r = 0; r < std::max(1, reps); ++r) {
         const auto t0 = std::chrono::steady_clock::now();
-        uint64_t total = 0;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads) reduction(+ : total)
-#endif
-        {
-#ifdef _OPENMP
-            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-            const int t = 0, nt = 1;
-#endif
-            const size_t c0 = bytes / 256 * t / nt * 256, c1 = bytes / 256 * (t + 1) / nt * 256;
-#if defined(__x86_64__)
-            __m128i s0 = _mm_setzero_si128(), s1 = s0, s2 = s0, s3 = s0;
-            for (size_t i = c0; i < c1; i += 64) {
-                s0 = _mm_add_epi64(s0, _mm_load_si128((const __m128i*)(buf + i)));
-                s1 = _mm_add_epi64(s1, _mm_load_si128((const __m128i*)(buf + i + 16)));
-                s2 = _mm_add_epi64(s2, _mm_load_si128((const __m128i*)(buf + i + 32)));
-                s3 = _mm_add_epi64(s3, _mm_load_si128((const __m128i*)(buf + i + 48)));
-            }
-            s0 = _mm_add_epi64(_mm_add_epi64(s0, s1), _mm_add_epi64(s2, s3));
-            uint64_t lanes[2];
-            _mm_storeu_si128((__m128i*)lanes, s0);
-            total += lanes[0] + lanes[1];
-#else
-            uint64_t s[4] = {0, 0, 0, 0};
-            for (size_t i = c0; i < c1; i += 32) {
-                uint64_t v[4];
-                std::memcpy(v, buf + i, 32);
-                for (int j = 0; j < 4; ++j) s[j] += v[j];
-            }
-            total += s[0] + s[1] + s[2] + s[3];
-#endif
-        }
+        parallel_chunks(threads, chunks, read);
         const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        sink = sink + total;
+        for (uint64_t v : partial) sink = sink + v;
         best = std::min(best, dt);
     }
     std::free(buf);

@@ -1,6 +1,7 @@
 """Standalone C++ kernel test (csrc/tests/test_kernels.cpp), built and run outside Python:
 
-- x86-64 with AddressSanitizer + UndefinedBehaviorSanitizer (every variant this CPU runs);
+- x86-64 with AddressSanitizer + UndefinedBehaviorSanitizer (every variant this CPU runs), and
+  with ThreadSanitizer (the row thread pool);
 - x86-64 with the AVX-512 file compiled against SIMDe's portable emulation (checks the AVX-512
   code's logic bit for bit on CPUs without AVX-512; real AVX-512 runs where the CPU has it);
 - AArch64 cross-compiled for -march=armv8-a and -march=armv8.2-a+dotprod, run under qemu-user.
@@ -69,6 +70,16 @@ def test_native_x86_sanitizers(tmp_path, record_property):
 
     for isa in bk.available_isas():  # every variant Python sees must also run here
         assert isa in _ran(r.stdout)
+
+
+@pytest.mark.skipif(not IS_X86, reason="x86-64 host only")
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+def test_native_x86_thread_sanitizer(tmp_path, record_property):
+    """The row thread pool under ThreadSanitizer (the test runs 1, 2 and 3 threads)."""
+    exe = _build("g++", tmp_path / "test_kernels_tsan", X86_FLAGS, ["-O1", "-g", "-fsanitize=thread"])
+    r = _run([str(exe)])
+    assert "WARNING: ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
+    _check(r.stdout, ["generic"], record_property, "x86-64 tsan")
 
 
 @pytest.mark.skipif(not IS_X86, reason="x86-64 host only")

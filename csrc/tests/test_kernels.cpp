@@ -158,6 +158,27 @@ int main() {
         test_shape(f, 1, 5, 16384, true);  // int16/int32 headroom at the largest K
         test_shape(f, 4, 3, 16383, true);  // GEMM path, odd K
     }
+    // The thread pool: 1, 2 and 3 threads give identical outputs; the bandwidth probe runs.
+    for (int fi = 0; fi < kNumFormats; ++fi) {
+        const Format f = Format(fi);
+        const int64_t M = 3, N = 301, K = 700;
+        const auto w = random_weights(f, N, K);
+        std::vector<uint8_t> p((size_t)packed_bytes(f, N, K));
+        pack(f, w.data(), N, K, p.data());
+        std::vector<float> x((size_t)(M * K)), ws((size_t)N, 1.0f), o1((size_t)(M * N)), o2((size_t)(M * N));
+        std::normal_distribution<float> nd(0.0f, 1.0f);
+        for (auto& v : x) v = nd(rng);
+        set_num_threads(1);
+        gemm_f32(f, p.data(), N, K, x.data(), K, M, ws.data(), nullptr, o1.data());
+        for (int nt : {2, 3}) {
+            set_num_threads(nt);
+            for (int rep = 0; rep < 20; ++rep) {
+                gemm_f32(f, p.data(), N, K, x.data(), K, M, ws.data(), nullptr, o2.data());
+                CHECK(o1 == o2, "threads=%d changed gemm_f32 %s", nt, format_name(f));
+            }
+        }
+    }
+    CHECK(stream_read_bandwidth(32 << 20, 2, 1) > 1e8, "stream_read_bandwidth");
     std::printf("%s (%d failures)\n", g_failures ? "FAILED" : "OK", g_failures);
     return g_failures ? 1 : 0;
 }
