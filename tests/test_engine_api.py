@@ -245,3 +245,15 @@ def test_tokenizer_free_model_takes_ids_only(tmp_path):
     assert all(isinstance(t, int) for t in llm.stream([1, 2, 3], max_new_tokens=3, ignore_eos=True))
     with pytest.raises(BitLLMError, match="no tokenizer"):
         llm.generate("text", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("linear_class", ["bitlinear", "autobitlinear"])
+def test_hf_bitnet_scale_conventions(tmp_path, linear_class):
+    """transformers' BitNet layout: 'bitlinear' stores 1/mean|W| (divide), 'autobitlinear' mean|W|."""
+    model = _scaled_tiny("bitnet", 0, 64, VOCAB)
+    bitllm.quantize_(model, config_for("ternary"))
+    d = save_pretrained(model, tmp_path / linear_class, "i2", linear_class=linear_class)
+    assert json.loads((d / "config.json").read_text())["quantization_config"]["linear_class"] == linear_class
+    with kernel_mode("reference"):
+        toks, _ = hf_greedy(from_pretrained(d), [1, 5, 9], 12)
+    assert LLM(d, threads=1).generate([1, 5, 9], max_new_tokens=12, ignore_eos=True).token_ids == toks
