@@ -112,9 +112,10 @@ def test_chat_matches_engine(llm, client):
     assert r.usage.prompt_tokens == len(llm.chat_ids(messages))
 
 
-def test_streaming(llm, server, client):
+def test_streaming(llm, server, client, slow):
     messages = [{"role": "user", "content": "A ternary weight is"}]
     whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
+    slow(0.01)  # pieces that pile up before the client reads are sent as one chunk: make them not pile up
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"

@@ -211,11 +211,19 @@ async def _stream(engine: EngineLoop, req, id_: str, model: str, chat: bool, inc
     try:
         if chat:
             yield json.dumps(P.chat_chunk(id_, model, {"role": "assistant", "content": ""}, None))
+        held = None
         while True:
-            ev = await req.events.get()
+            ev, held = held or await req.events.get(), None
             if ev.kind == "text":
-                chunk = P.chat_chunk(id_, model, {"content": ev.text}, None) if chat else \
-                    P.completion_chunk(id_, model, ev.text, None)
+                text = ev.text
+                while not req.events.empty():  # a slow reader gets the pieces that piled up as one chunk
+                    nxt = req.events.get_nowait()
+                    if nxt.kind != "text":
+                        held = nxt
+                        break
+                    text += nxt.text
+                chunk = P.chat_chunk(id_, model, {"content": text}, None) if chat else \
+                    P.completion_chunk(id_, model, text, None)
                 yield json.dumps(chunk)
                 continue
             done = True

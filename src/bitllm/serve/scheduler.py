@@ -55,11 +55,11 @@ class Request:
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
 
-    def push(self, event: Event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the handler's event loop is closed (server shutting down)
-            pass
+
+
+def _deliver_all(items: list[tuple[Request, Event]]) -> None:
+    for req, event in items:
+        req.events.put_nowait(event)
 
 
 class Metrics:
@@ -151,6 +151,7 @@ class EngineLoop:
         self._cond = threading.Condition()
         self._ids = itertools.count()
         self._stop = False
+        self._outbox: list[tuple[Request, Event]] = []  # events of this iteration, handed over at once
         self._thread = threading.Thread(target=self._run, name="bitllm-engine", daemon=True)
 
     # -- called from the web handlers (any thread) ----------------------------------------------
@@ -237,13 +238,32 @@ class EngineLoop:
             except Exception:  # keep serving: fail the requests in flight, start a fresh batch
                 log.exception("engine step failed; failing %d live request(s)", len(self._live))
                 for req in list(self._live.values()):
-                    req.push(Event("error", text="internal error in the inference engine", status=500))
+                    self._push(req, Event("error", text="internal error in the inference engine", status=500))
                 self._drop_all()
+            self._flush()
         self._drop_all()
         with self._cond:
             for req in self._waiting:
-                req.push(Event("error", text="the server is shutting down", status=503))
+                self._push(req, Event("error", text="the server is shutting down", status=503))
             self._waiting.clear()
+        self._flush()
+
+    def _push(self, req: Request, event: Event) -> None:
+        self._outbox.append((req, event))
+
+    def _flush(self) -> None:
+        """Hand this iteration's events to the handlers: one wake-up per event loop, not per token."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for req, event in self._outbox:
+            by_loop.setdefault(req.loop, []).append((req, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, items)
+            except RuntimeError:  # that event loop is closed (server shutting down)
+                pass
 
     def _housekeep(self, cancels: list[Request], admit: list[Request], expired: list[Request]) -> None:
         for req in cancels:
@@ -257,21 +277,21 @@ class EngineLoop:
                 self._forget(req)
             with self.metrics.lock:
                 self.metrics.timeouts += 1
-            req.push(Event("error", text="the request ran past the server's timeout", status=504))
+            self._push(req, Event("error", text="the request ran past the server's timeout", status=504))
         for req in admit:
             if req.cancelled:
                 continue
             if now > req.deadline:
                 with self.metrics.lock:
                     self.metrics.timeouts += 1
-                req.push(Event("error", text="the request waited past the server's timeout", status=504))
+                self._push(req, Event("error", text="the request waited past the server's timeout", status=504))
                 continue
             try:
                 req.seq_id = self.batch.add(req.prompt, req.params)
             except Exception as e:  # bad prompt for this model: the handler validated most of it
                 from bitllm.errors import BitLLMError
 
-                req.push(Event("error", text=str(e) if isinstance(e, BitLLMError) else "internal error",
+                self._push(req, Event("error", text=str(e) if isinstance(e, BitLLMError) else "internal error",
                                status=400 if isinstance(e, BitLLMError) else 500))
                 continue
             with self.metrics.lock:
@@ -295,10 +315,10 @@ class EngineLoop:
     def _deliver(self, req: Request) -> None:
         piece = self.batch.text_delta(req.seq_id)
         if piece:
-            req.push(Event("text", text=piece))
+            self._push(req, Event("text", text=piece))
         seq = self.batch.seqs[req.seq_id]
         if seq.finished:
-            req.push(Event("done", finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt),
+            self._push(req, Event("done", finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt),
                            completion_tokens=len(seq.generated)))
             self._forget(req)
 
