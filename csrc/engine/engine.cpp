@@ -760,9 +760,8 @@ void Engine::attention(const int* ids, int n, const int64_t* offsets, const std:
         float sum = 0.f;
         for (int64_t j = 0; j <= p; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
         const float inv = 1.0f / sum;
-        float* o = ab_.data() + r * nh * hd + h * hd;
-        std::fill(o, o + hd, 0.f);
-        for (int64_t j = 0; j <= p; ++j) axpy(sc[j] * inv, V + j * kvd, o, hd);
+        for (int64_t j = 0; j <= p; ++j) sc[j] *= inv;
+        weighted_sum(sc, V, kvd, p + 1, hd, ab_.data() + r * nh * hd + h * hd);
     }
 }
 

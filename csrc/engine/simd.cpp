@@ -67,6 +67,12 @@ static void axpy_portable(float a, const float* x, float* y, int64_t n) {
     for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
 }
 
+static void weighted_sum_portable(const float* p, const float* V, int64_t stride, int64_t n, int64_t hd, float* out) {
+    for (int64_t d = 0; d < hd; ++d) out[d] = 0.f;
+    for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < hd; ++d) out[d] += p[j] * V[j * stride + d];
+}
+
 static void f16_to_f32_portable(const uint16_t* w, float* out, int64_t n) {
     for (int64_t k = 0; k < n; ++k) out[k] = h2f(w[k]);
 }
@@ -136,6 +142,46 @@ AVX2_FN static void axpy_avx2(float a, const float* x, float* y, int64_t n) {
     for (; k < n; ++k) y[k] += a * x[k];
 }
 
+// Accumulators stay in registers: 64 output dims (8 vectors) at a time over every key.
+AVX2_FN static void weighted_sum_avx2(const float* p, const float* V, int64_t stride, int64_t n, int64_t hd, float* out) {
+    int64_t c = 0;
+    for (; c + 64 <= hd; c += 64) {
+        __m256 a[8];
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; ++j) {
+            const __m256 pj = _mm256_set1_ps(p[j]);
+            const float* v = V + j * stride + c;
+            for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * i), a[i]);
+        }
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + c + 8 * i, a[i]);
+    }
+    for (; c + 32 <= hd; c += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < n; ++j) {
+            const __m256 pj = _mm256_set1_ps(p[j]);
+            const float* v = V + j * stride + c;
+            a0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v), a0);
+            a1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8), a1);
+            a2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 16), a2);
+            a3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 24), a3);
+        }
+        _mm256_storeu_ps(out + c, a0);
+        _mm256_storeu_ps(out + c + 8, a1);
+        _mm256_storeu_ps(out + c + 16, a2);
+        _mm256_storeu_ps(out + c + 24, a3);
+    }
+    for (; c + 8 <= hd; c += 8) {
+        __m256 a0 = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; ++j) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(V + j * stride + c), a0);
+        _mm256_storeu_ps(out + c, a0);
+    }
+    for (; c < hd; ++c) {
+        float a = 0.f;
+        for (int64_t j = 0; j < n; ++j) a += p[j] * V[j * stride + c];
+        out[c] = a;
+    }
+}
+
 AVX2_FN static void f16_to_f32_avx2(const uint16_t* w, float* out, int64_t n) {
     int64_t k = 0;
     for (; k + 8 <= n; k += 8) _mm256_storeu_ps(out + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + k))));
@@ -163,6 +209,9 @@ float dot_f16(const uint16_t* w, const float* x, int64_t n) { DISPATCH(dot_f16, 
 float dot_i8(const int8_t* w, const float* x, int64_t n) { DISPATCH(dot_i8, w, x, n); }
 void axpy(float a, const float* x, float* y, int64_t n) { DISPATCH(axpy, a, x, y, n); }
 void f16_to_f32(const uint16_t* w, float* out, int64_t n) { DISPATCH(f16_to_f32, w, out, n); }
+void weighted_sum(const float* p, const float* V, int64_t stride, int64_t n, int64_t hd, float* out) {
+    DISPATCH(weighted_sum, p, V, stride, n, hd, out);
+}
 
 const char* simd_name() {
 #ifdef BITLLM_X86

@@ -16,6 +16,8 @@ float dot_f16(const uint16_t* w, const float* x, int64_t n);
 float dot_i8(const int8_t* w, const float* x, int64_t n);
 // y[k] += a·x[k]
 void axpy(float a, const float* x, float* y, int64_t n);
+// out[d] = Σ_j p[j]·V[j·stride + d] for d < hd (attention's weighted sum of values)
+void weighted_sum(const float* p, const float* V, int64_t stride, int64_t n, int64_t hd, float* out);
 // out[k] = half(w[k]) (an embedding row)
 void f16_to_f32(const uint16_t* w, float* out, int64_t n);
 // "avx2+fma+f16c" or "portable": which of the above runs.

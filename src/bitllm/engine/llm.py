@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence as Seq
@@ -40,12 +41,15 @@ class NativeBackend:
         self.engine = engine
         self.vocab = int(engine.vocab)
         self.max_context = int(max_context)
+        self._lock = threading.Lock()  # the engine's workspace serves one call at a time
 
     def open(self, capacity: int) -> int:
-        return self.engine.add_sequence(int(capacity))
+        with self._lock:
+            return self.engine.add_sequence(int(capacity))
 
     def close(self, slot: int) -> None:
-        self.engine.remove_sequence(slot)
+        with self._lock:
+            self.engine.remove_sequence(slot)
 
     def forward(self, slots: Seq[int], tokens: Seq[Seq[int]], all_logits: bool = False) -> np.ndarray:
         from bitllm import _engine
@@ -56,7 +60,8 @@ class NativeBackend:
         flat = np.fromiter((x for t in tokens for x in t), dtype=np.int32, count=int(offsets[-1]))
         out = np.empty((int(offsets[-1]) if all_logits else len(lens), self.vocab), dtype=np.float32)
         try:
-            self.engine.forward(np.asarray(slots, dtype=np.int32), flat, offsets, all_logits, out)
+            with self._lock:
+                self.engine.forward(np.asarray(slots, dtype=np.int32), flat, offsets, all_logits, out)
         except _engine.EngineError as e:
             raise BitLLMError(str(e)) from None
         return out
