@@ -209,10 +209,13 @@ def _rss() -> int:
 
 
 def child_rss(directory: str, head: str, kv_positions: int) -> None:
-    import bitllm.engine  # noqa: F401  (imports first: torch, transformers)
+    import bitllm.engine  # noqa: F401  (libraries are not the model: import everything LLM() imports first)
+    import bitllm.formats.checkpoint  # noqa: F401
     from bitllm import _engine  # noqa: F401
     from bitllm.engine import LLM
+    from bitllm.engine.loader import read_config
 
+    read_config(Path(directory))
     base = _rss()
     llm = LLM(directory, threads=1, head=head)
     slot = llm.backend.open(kv_positions)

@@ -335,7 +335,20 @@ def _build(config: dict[str, str], spec: EngineSpec, src: _Source):
         eng.finalize()
     except _engine.EngineError as e:
         raise FormatError(str(e)) from None
+    _release_free_memory()
     return eng
+
+
+def _release_free_memory() -> None:
+    """Hand the loader's freed temporaries (file views, unpacked int8 rows) back to the OS (glibc)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def export_engine_file(source, path: str | Path, *, head: str = "f16", kernel_format: str | None = None,
