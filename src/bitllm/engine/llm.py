@@ -264,25 +264,15 @@ class LLM:
         b = self.batch()
         sid = b.add(self.encode(prompt), params)
         seq = b.seqs[sid]
-        emitted = 0
-        hold = max((len(s) for s in params.stop), default=1) - 1  # text that may still become a stop string
         try:
             while not seq.finished:
                 b.step()
                 if self.tokenizer is None:
                     yield seq.generated[-1]
                     continue
-                text = b.text(seq)
-                if text.endswith("\ufffd"):
-                    continue  # an incomplete UTF-8 character: wait for the next token
-                upto = len(text) if seq.finished else max(emitted, len(text) - hold)
-                if upto > emitted:
-                    yield text[emitted:upto]
-                    emitted = upto
-            if self.tokenizer is not None:
-                text = b.text(seq)
-                if len(text) > emitted:
-                    yield text[emitted:]
+                piece = b.text_delta(sid)  # holds back partial UTF-8 and possible stop strings
+                if piece:
+                    yield piece
         finally:
             b.cancel(sid)
             self.last_stats = dict(b.stats)
