@@ -183,6 +183,7 @@ class LLM:
 
             t0 = time.perf_counter()
             self.backend = HFBackend(from_pretrained(self.directory), ctx)
+            torch.set_num_threads(self.threads)
             self.load_info = {"load_s": time.perf_counter() - t0}
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.directory)
         self.eos_token_ids = _eos_ids(self.directory, self.config)
@@ -205,6 +206,7 @@ class LLM:
         except UnsupportedModelError as e:
             print(f"bitllm: the native engine does not run this model ({e}); using transformers", file=sys.stderr)
             self.backend = HFBackend(model, ctx)
+            torch.set_num_threads(self.threads)
         self.load_info = {}
         self.tokenizer = tokenizer
         self.eos_token_ids = _eos_ids(None, model.config)
@@ -366,7 +368,8 @@ def _context(config) -> int:
 
 
 def set_threads(threads: int | None) -> int:
-    """Threads for the engine, the kernels and torch (default: every CPU this process may use)."""
+    """Threads for the engine and the kernels (default: every CPU this process may use). torch's own
+    pool is left alone unless the transformers fallback runs (HFBackend)."""
     if not threads:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n = max(1, int(threads))
@@ -382,5 +385,4 @@ def set_threads(threads: int | None) -> int:
         _core.set_num_threads(n)
     except (ImportError, AttributeError):
         pass
-    torch.set_num_threads(n)
     return n
