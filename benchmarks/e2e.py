@@ -6,7 +6,8 @@ PyTorch fp32 / bf16 HF models of the same shape.
 
     python benchmarks/e2e.py                 # full run (check `uptime` first: the machine must be quiet)
     python benchmarks/e2e.py --quick         # a small shape, to check the script
-    python benchmarks/e2e.py --gguf m.gguf   # hook: llama.cpp rows (GGUF export comes with its own issue)
+    python benchmarks/e2e.py --llamacpp      # + llama.cpp TQ2_0 / TQ1_0 rows on GGUFs exported from the same weights
+    python benchmarks/e2e.py --gguf m.gguf   # + llama.cpp on any GGUF
 
 Random weights do not change the speed of these formats. Checkpoints are written packed, directly
 (no fp32 model is ever built for the bitllm rows). The Llama layout is SiLU-gated (what llama.cpp
@@ -64,6 +65,20 @@ def _linears(layout: str, s: dict) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _tokenizer():
+    """A small byte-level BPE tokenizer (GGUF export needs one; its ids are a subset of the vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["random weights do not change the speed of these formats " * 20], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def write_random_checkpoint(directory: Path, layout: str, s: dict, ctx: int = 2048, seed: int = 0) -> Path:
     """A bitllm ternary I2 checkpoint with uniform random codes, written tensor by tensor."""
     import torch
@@ -97,6 +112,7 @@ def write_random_checkpoint(directory: Path, layout: str, s: dict, ctx: int = 20
     cfg["quantization_config"] = {"quant_method": "bitllm", "method": "ternary", "format": "i2",
                                   "format_version": FORMAT_VERSION, "modules": sorted(linears)}
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    _tokenizer().save_pretrained(directory)
     return directory
 
 
@@ -244,6 +260,8 @@ def main() -> None:
     ap.add_argument("--torch-tg", type=int, default=16, help="decode tokens per rep for the (slow) PyTorch rows")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--gguf", default=None, help="llama.cpp hook: a GGUF of the same weights")
+    ap.add_argument("--llamacpp", action="store_true",
+                    help="export the Llama-layout weights to GGUF TQ2_0 / TQ1_0 (head Q8_0) and run llama.cpp on them")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--child-rss", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--head", default="i8", help=argparse.SUPPRESS)
@@ -267,7 +285,12 @@ def main() -> None:
     dirs = {}
     for layout in ("llama", "bitnet"):
         t0 = time.perf_counter()
-        dirs[layout] = write_random_checkpoint(work / layout, layout, shape)
+        cfg_file = work / layout / "config.json"
+        if cfg_file.exists() and json.loads(cfg_file.read_text())["hidden_size"] == shape["hidden"] and \
+                (work / layout / "tokenizer.json").exists():
+            dirs[layout] = work / layout  # reuse (same seed, same shape)
+        else:
+            dirs[layout] = write_random_checkpoint(work / layout, layout, shape)
         size = sum(f.stat().st_size for f in dirs[layout].glob("*.safetensors"))
         print(f"wrote random {layout} checkpoint: {size / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s")
 
@@ -286,31 +309,49 @@ def main() -> None:
                 r = bench_torch(shape, dt, t, max(2, reps // 2), a.pp, a.torch_tg)
                 r.update(name=f"PyTorch {dt} (HF Llama, tg{a.torch_tg})", threads=t)
                 results.append(r)
-    if a.gguf:
+    ggufs = [a.gguf] if a.gguf else []
+    if a.llamacpp:
+        from bitllm.formats.gguf_io import export_gguf
+
+        for q in ("tq2_0", "tq1_0"):
+            out = work / f"llama-{q}.gguf"
+            if not out.exists():
+                t0 = time.perf_counter()
+                export_gguf(dirs["llama"], out, q, embed_type="f16", head_type="q8_0")
+                print(f"exported {out.name} ({out.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s")
+            ggufs.append(str(out))
+    for g in ggufs:
         for t in threads:
-            r = bench_llamacpp(a.gguf, t, reps, a.pp, a.tg)
+            r = bench_llamacpp(g, t, reps, a.pp, a.tg)
+            if r and a.llamacpp:  # our export: an f16 token embedding that decode does not stream
+                r["bytes_per_token"] -= shape["vocab"] * shape["hidden"] * 2
             if r:
-                r.update(name=f"llama.cpp {Path(a.gguf).name}", threads=t)
+                r.update(name=f"llama.cpp {Path(g).name}", threads=t, file_bytes=os.path.getsize(g))
                 results.append(r)
 
     base = {t: next((r for r in results if r["threads"] == t and r["name"].startswith("PyTorch fp32")), None) for t in threads}
+    tq2 = {t: next((r for r in results if r["threads"] == t and "tq2_0" in r["name"]), None) for t in threads}
     for r in results:
         t = r["threads"]
         dec, pre = r["decode_tps"]["median"], r["prefill_tps"]["median"]
         roof_pct = 100 * dec * r["bytes_per_token"] / (roof[t] * 1e9)
         b = base[t]
         ratio = f"{dec / b['decode_tps']['median']:.1f}x" if b else "-"
+        q = tq2[t]
+        ratio_q = f"{dec / q['decode_tps']['median']:.2f}x" if q else "-"
         rss = f"{r['rss_growth'] / (r['weight_bytes'] + r['kv_bytes']):.2f}" if "rss_growth" in r else "-"
         rows.append([r["name"], t, f"{pre:.1f} ({r['prefill_tps']['min']:.1f})", f"{dec:.1f} ({r['decode_tps']['min']:.1f})",
-                     ratio, f"{r['bytes_per_token'] / 2**20:.0f}", f"{roof_pct:.0f}%",
+                     ratio, ratio_q, f"{r['bytes_per_token'] / 2**20:.0f}", f"{roof_pct:.0f}%",
                      f"{r['load_s']:.2f}" if r.get("load_s") else "-", rss,
                      f"{r['file_bytes'] / 2**20:.0f}" if "file_bytes" in r else "-"])
     print()
-    print(fmt_table(["model", "thr", "pp tok/s med (min)", "tg tok/s med (min)", "tg vs torch fp32", "MiB/token",
+    print(fmt_table(["model", "thr", "pp tok/s med (min)", "tg tok/s med (min)", "tg vs torch fp32", "tg vs TQ2_0", "MiB/token",
                      "% roofline", "load+repack s", "RSS growth / (weights+KV)", "file MiB"], rows))
     print(f"\nload avg before: {load_before}, after: {loadavg()}")
-    print("llama.cpp TQ2_0 / TQ1_0 rows: pass --gguf (GGUF export lands with its own issue); BENCH.md anchor on a Zen 3 "
-          "at 2 threads: TQ2_0 58-68 tok/s decode.")
+    if not ggufs:
+        print("llama.cpp TQ2_0 / TQ1_0 rows: pass --llamacpp (needs llama-cpp-python) or --gguf; BENCH.md anchor on a "
+              "Zen 3 at 2 threads: TQ2_0 58-68 tok/s decode.")
+    print("MiB/token: linear weights + LM head streamed per decoded token (llama.cpp rows: GGUF size minus the f16 embedding).")
     path = write_results("e2e" + ("-quick" if a.quick else ""), {"machine": machine_line(_engine.active_isa(), max(threads)),
                                                                  "roofline_gbs": roof, "shape": shape, "results": results})
     print(f"wrote {path}")
