@@ -259,6 +259,7 @@ def main() -> None:
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--torch-tg", type=int, default=16, help="decode tokens per rep for the (slow) PyTorch rows")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--torch-dtypes", default="fp32,bf16")
     ap.add_argument("--gguf", default=None, help="llama.cpp hook: a GGUF of the same weights")
     ap.add_argument("--llamacpp", action="store_true",
                     help="export the Llama-layout weights to GGUF TQ2_0 / TQ1_0 (head Q8_0) and run llama.cpp on them")
@@ -304,7 +305,7 @@ def main() -> None:
             r.update(name=f"bitllm {layout} {kf.upper()} head {head}", threads=t, file_bytes=size, **mem)
             results.append(r)
     if not a.no_torch:
-        for dt in (("fp32",) if a.quick else ("fp32", "bf16")):
+        for dt in (("fp32",) if a.quick else a.torch_dtypes.split(",")):
             for t in threads:
                 r = bench_torch(shape, dt, t, max(2, reps // 2), a.pp, a.torch_tg)
                 r.update(name=f"PyTorch {dt} (HF Llama, tg{a.torch_tg})", threads=t)
