@@ -10,7 +10,7 @@ Per level it prints aggregate generated tok/s, p50/p99 time to first token, p50/
 latency, errors, and the engine's batch sizes read from /metrics (the histogram's change over the
 level), so batching is seen, not assumed. The soak mode mixes in malformed requests and clients
 that hang up early, then requires 0 server errors (5xx), every well-formed request answered, and
-no KV cache slot left open. Results: benchmarks/results/serve_load.json (or serve_soak.json).
+no KV cache slot left open. Results: benchmarks/results/serve_load_h{hidden}_l{layers}.json (or serve_soak.json).
 """
 
 from __future__ import annotations
@@ -365,7 +365,7 @@ def main() -> None:
                       "server tok/s: aggregate over all streams for the level's duration")
                 for r in levels:
                     print(f"batch sizes at {r['clients']} clients (steps per histogram bucket): {r['batch']['hist']}")
-                path = write_results("serve_load", {"args": vars(args), "load_avg": loadavg(), "levels": levels})
+                path = write_results(f"serve_load_h{args.hidden}_l{args.layers}", {"args": vars(args), "load_avg": loadavg(), "levels": levels})
             print(f"load avg after: {loadavg()}\nwrote {path}")
         finally:
             err = stop_server(proc)
