@@ -21,22 +21,14 @@ pytest.importorskip("fastapi")
 
 import bitllm  # noqa: E402
 from bitllm.serve import ServeConfig, Server  # noqa: E402
-from bitllm.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from serve_helpers import tiny_chat_checkpoint  # noqa: E402
 
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
 KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    model = tiny_model("llama", vocab_size=320, hidden=64, layers=2, embed_std=1.0)
-    bitllm.quantize_(model, bitllm.config_for("ternary"))
-    tok = tiny_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    path = tmp_path_factory.mktemp("serve") / "tiny"
-    bitllm.save_pretrained(model, path, "i2", tokenizer=tok)
-    return bitllm.LLM(path, threads=1)
+    return bitllm.LLM(tiny_chat_checkpoint(tmp_path_factory.mktemp("serve") / "tiny"), threads=1)
 
 
 @pytest.fixture(scope="module")

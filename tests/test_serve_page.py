@@ -22,23 +22,15 @@ pytest.importorskip("fastapi")
 import bitllm  # noqa: E402
 from bitllm.serve import ServeConfig, Server  # noqa: E402
 from bitllm.serve.server import free_port  # noqa: E402
-from bitllm.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from serve_helpers import tiny_chat_checkpoint  # noqa: E402
 
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    model = tiny_model("llama", vocab_size=320, hidden=64, layers=2, embed_std=1.0)
-    bitllm.quantize_(model, bitllm.config_for("ternary"))
-    tok = tiny_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    path = tmp_path_factory.mktemp("serve_page") / "tiny"
-    bitllm.save_pretrained(model, path, "i2", tokenizer=tok)
-    return path
+    return tiny_chat_checkpoint(tmp_path_factory.mktemp("serve_page") / "tiny")
 
 
 def test_chat_page_streams_in_chromium(model_dir, monkeypatch):
