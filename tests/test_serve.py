@@ -190,6 +190,14 @@ def test_malformed_requests(server, client):
     big = httpx.post(url + "/v1/completions", json={"prompt": "x" * (2 << 20)})
     assert error_of(big, 413)["code"] == "request_too_large"
     assert error_of(httpx.get(url + "/v1/nothing"), 404)["type"] == "not_found_error"
+    llm = server.app.state.llm
+    template = llm.tokenizer.chat_template
+    llm.tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    try:
+        err = error_of(httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}), 400)
+        assert "roles must alternate" in err["message"] and err["param"] == "messages"
+    finally:
+        llm.tokenizer.chat_template = template
     with pytest.raises(openai.BadRequestError, match="stop"):
         client.completions.create(model="tiny", prompt="x", stop=["a", "b", "c", "d", "e"])
 

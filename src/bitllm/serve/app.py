@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from jinja2 import TemplateError
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from sse_starlette import EventSourceResponse
@@ -141,7 +142,10 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: P.ChatRequest, request: Request):
         body.unsupported()
-        ids = llm.chat_ids(body.as_dicts())
+        try:
+            ids = llm.chat_ids(body.as_dicts())
+        except TemplateError as e:  # e.g. "roles must alternate user/assistant": the client's to fix
+            raise P.ApiError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return await _answer(request, body, ids, limit, chat=True)
 
