@@ -270,12 +270,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, co
                 loss_sum += loss.detach().float() / n_micro
             loss_val = accelerator.reduce(loss_sum, reduction="mean").item()
             if not math.isfinite(loss_val):
-                where = (f"the last good checkpoint (step {state['last_good_checkpoint']}) is in {ckpt_dir}; "
-                         "resume it with --resume after lowering recipe.lr or raising recipe.warmup_steps"
-                         if state["last_good_checkpoint"] else "no checkpoint was written yet")
-                raise TrainingDivergedError(f"loss is {loss_val} at step {step + 1}; training stopped. {where}")
+                raise TrainingDivergedError(f"loss is {loss_val} at step {step + 1}; training stopped. "
+                                            + _where(state, ckpt_dir))
             if cfg.recipe.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.recipe.grad_clip)
+                norm = accelerator.clip_grad_norm_(model.parameters(), cfg.recipe.grad_clip)
+                if not math.isfinite(float(norm)):  # the loss was finite but the update would poison the weights
+                    raise TrainingDivergedError(f"gradient norm is {float(norm)} at step {step + 1}; training "
+                                                "stopped before the update. " + _where(state, ckpt_dir))
             opt.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
@@ -308,6 +309,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, co
         result = _result_from_metrics(out, params, state)
         result.is_main_process = False
     return result
+
+
+def _where(state: dict, ckpt_dir: Path) -> str:
+    if not state["last_good_checkpoint"]:
+        return "No checkpoint was written yet; lower recipe.lr or raise recipe.warmup_steps and start again."
+    return (f"The last good checkpoint (step {state['last_good_checkpoint']}) is in {ckpt_dir}; resume it with "
+            "--resume after lowering recipe.lr or raising recipe.warmup_steps.")
 
 
 def _after_checkpoint(step: int) -> None:
