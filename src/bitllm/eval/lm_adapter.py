@@ -92,7 +92,7 @@ class BitLLMEval(TemplateLM):
         for (string,) in tqdm([r.args for r in requests], desc="bitllm rolling", disable=disable_tqdm):
             windows = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
                 token_list=self.tok_encode(string, add_special_tokens=False), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1)]
+                max_seq_len=self.max_length - 1, context_len=1)]  # ctx + cont = max_seq_len + 1 tokens
             total = sum(lp for lp, _ in self.model.loglikelihood(windows, max_batch_tokens=self.max_batch_tokens))
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
             out.append(total)

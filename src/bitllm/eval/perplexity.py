@@ -1,9 +1,10 @@
 """Sliding-window perplexity (the Hugging Face "perplexity of fixed-length models" recipe).
 
-Windows of at most `context` tokens start every `stride` tokens; each window scores only the
-tokens that no earlier window scored, conditioned on everything before them inside the window.
-stride == context gives disjoint windows (fast, pessimistic); a smaller stride gives every scored
-token more context (closer to the model's true perplexity). The text's first token is conditioned
+Windows of at most `context` tokens start every `stride` tokens (but never after the first
+unscored token's predecessor); each window scores only the tokens that no earlier window scored,
+conditioned on everything before them inside the window. stride == context gives windows that
+overlap by one token (lm-eval's rolling windows: fast, pessimistic); a smaller stride gives every
+scored token more context (closer to the model's true perplexity). The text's first token is conditioned
 on the model's BOS token (EOS when it has none), so every text token is scored exactly once and
 bits per byte are exact: the tokenizer-free number to compare models with different vocabularies.
 """
@@ -48,22 +49,21 @@ class PerplexityResult:
 def window_pairs(ids: Sequence[int], context: int, stride: int) -> list[tuple[list[int], list[int]]]:
     """(context ids, scored ids) per window over `ids`, whose first token is only conditioned on.
 
-    Window k covers ids[b:e] with b = k*stride, e = min(b + context, n) and scores ids[s:e] where
-    s = max(previous e, b + 1): every token but the first is scored exactly once.
+    Window k covers ids[b:e] with b = min(k*stride, p - 1), e = min(b + context, n), where p is the
+    previous window's e (1 at first), and scores ids[p:e]: every token but the first is scored
+    exactly once, each with at least one token of context.
     """
     if context < 2:
         raise BitLLMError(f"context must be at least 2 tokens, got {context}")
     if not 1 <= stride <= context:
         raise BitLLMError(f"stride must be in [1, context={context}], got {stride}")
     ids = list(ids)
-    pairs, prev_end, b = [], 1, 0
+    pairs, prev_end, k = [], 1, 0
     while prev_end < len(ids):
-        e = min(b + context, len(ids))
-        s = max(prev_end, b + 1)
-        if e > s:
-            pairs.append((ids[b:s], ids[s:e]))
-            prev_end = e
-        b += stride
+        b = min(k * stride, prev_end - 1)
+        e = min(b + context, len(ids))  # > prev_end, since context >= 2
+        pairs.append((ids[b:prev_end], ids[prev_end:e]))
+        prev_end, k = e, k + 1
     return pairs
 
 

@@ -38,6 +38,14 @@ class Split:
     name: str  # "id" | "ood"
     held: list[str]  # held-out texts to draw passages from
     train: str  # training text (joined) that no passage may occur in
+    _train_norm: str | None = None
+
+    @property
+    def train_norm(self) -> str:
+        """The training text with runs of whitespace as single spaces (sentences are compared so)."""
+        if self._train_norm is None:
+            self._train_norm = " ".join(self.train.split())
+        return self._train_norm
 
 
 def bundled_splits() -> list[Split]:
@@ -129,7 +137,7 @@ def nextsent_docs(split: Split, n: int, seed: int, k_context: int = 3, n_choices
         choices = [true] + rng.sample(pool, n_choices - 1)
         rng.shuffle(choices)
         passage = context + " " + true
-        if passage in seen or passage in split.train or context in split.train:
+        if passage in seen or passage in split.train_norm:
             continue
         seen.add(passage)
         docs.append({"context": context, "choices": [" " + c for c in choices], "label": choices.index(true)})
