@@ -67,6 +67,8 @@ struct Ops<__m512i> {
     static __m512i mulhi16(__m512i a, __m512i b) { return _mm512_mulhi_epu16(a, b); }
     static __m512i packus(__m512i a, __m512i b) { return _mm512_packus_epi16(a, b); }
     static __m512i dp(__m512i acc, __m512i u, __m512i s) { return _mm512_dpbusd_epi32(acc, u, s); }
+    static __m512i add8(__m512i a, __m512i b) { return _mm512_add_epi8(a, b); }
+    static __m512i sub8(__m512i a, __m512i b) { return _mm512_sub_epi8(a, b); }
 };
 template <>
 struct Ops<__m256i> {
@@ -79,6 +81,8 @@ struct Ops<__m256i> {
     static __m256i mulhi16(__m256i a, __m256i b) { return _mm256_mulhi_epu16(a, b); }
     static __m256i packus(__m256i a, __m256i b) { return _mm256_packus_epi16(a, b); }
     static __m256i dp(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+    static __m256i add8(__m256i a, __m256i b) { return _mm256_add_epi8(a, b); }
+    static __m256i sub8(__m256i a, __m256i b) { return _mm256_sub_epi8(a, b); }
 };
 
 // Codes of plane i of the block(s) in v (I2: 4 planes, T1: 5, B1: 8). B1 yields c = 1 for w = -1.
@@ -91,17 +95,23 @@ struct Planes<Format::I2, V> {
     explicit Planes(V x) : v(x) {}
     V get(int i) const { return Ops<V>::and_(Ops<V>::srli16(v, 2 * i), Ops<V>::set8(3)); }
 };
+// T1: V_n = mulhi_epu16(b<<8, 3^(n+1)) = floor(b·3^(n+1)/256) is the integer of the first n+1
+// digits (< 243), so t_n = V_n - 3·V_(n-1) in bytes: one multiply per 16 weights. get(n) must be
+// called for n = 0, 1, ..., 4 in order (it keeps V_(n-1)).
 template <class V>
 struct Planes<Format::T1, V> {
     static constexpr int kN = 5, kW = kT1Weights;
     V xe, xo;
+    mutable V prev;
     explicit Planes(V v)
-        : xe(Ops<V>::slli16_8(v)), xo(Ops<V>::and_(v, Ops<V>::set16((short)0xFF00))) {}
+        : xe(Ops<V>::slli16_8(v)), xo(Ops<V>::and_(v, Ops<V>::set16((short)0xFF00))), prev(v) {}
     V get(int n) const {
-        static const short kPow3[5] = {1, 3, 9, 27, 81};
-        const V p = Ops<V>::set16(kPow3[n]), three = Ops<V>::set16(3);
-        return Ops<V>::packus(Ops<V>::mulhi16(Ops<V>::mullo16(xe, p), three),
-                              Ops<V>::mulhi16(Ops<V>::mullo16(xo, p), three));
+        static const short kPow3[5] = {3, 9, 27, 81, 243};
+        const V p = Ops<V>::set16(kPow3[n]);
+        const V cur = Ops<V>::packus(Ops<V>::mulhi16(xe, p), Ops<V>::mulhi16(xo, p));
+        const V t = n == 0 ? cur : Ops<V>::sub8(cur, Ops<V>::add8(prev, Ops<V>::add8(prev, prev)));
+        prev = cur;
+        return t;
     }
 };
 template <class V>
