@@ -33,6 +33,7 @@ __all__ = [
     "pack",
     "unpack",
     "linear_a8",
+    "gemm_a8",
     "linear_f32",
     "stream_read_bandwidth",
     "cpu_model",
