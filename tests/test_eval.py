@@ -263,3 +263,28 @@ def test_bench_reports_every_field(tmp_path, ternary_dir):
     assert ("ESTIMATE" in md) == rows["bitllm"]["energy"]["estimate"]
     paths = write_bench_report(res, tmp_path / "rep")
     assert paths["png"].stat().st_size > 0 and json.loads(paths["json"].read_text())["rows"]
+
+
+@pytest.mark.slow
+def test_gguf_through_llama_cpp_scores_like_the_engine(tmp_path):
+    """The same ternary weights as a bitllm checkpoint (engine) and as GGUF TQ2_0 (llama.cpp) give the same
+    perplexity up to llama.cpp's Q8_K activations (per 256-block instead of per token): 2 % budget."""
+    pytest.importorskip("llama_cpp")
+    from bitllm.formats.gguf_io import export_gguf
+    from bitllm.tiny import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", hidden=256, layers=1, vocab_size=len(tok), intermediate_size=512,
+                       max_position_embeddings=128, embed_std=1.0)
+    bitllm.quantize_(model, bitllm.config_for("ternary"))
+    d = bitllm.save_pretrained(model, tmp_path / "m", "i2", tokenizer=tok)
+    g = export_gguf(d, tmp_path / "m.gguf", "tq2_0")
+    ids = [1] + np.random.default_rng(0).integers(3, len(tok), size=100).tolist()
+    ppl = {}
+    for spec in (d, g):
+        m = open_model(spec, threads=1, max_length=64)
+        nll, n = perplexity_of_ids(m, ids, context=64, stride=32, progress=False)
+        ppl[m.kind] = math.exp(nll / n)
+        m.close()
+    assert set(ppl) == {"bitllm-native", "llama.cpp"}
+    assert ppl["llama.cpp"] == pytest.approx(ppl["bitllm-native"], rel=2e-2)
