@@ -182,6 +182,7 @@ def _per_request(results) -> dict:
 
 
 def test_adapter_matches_lm_eval_hf_on_a_ternary_checkpoint(ternary_dir, task_dir):
+    pytest.importorskip("lm_eval")
     from bitllm.eval.harness import run_lm_eval
 
     # one task of each kind (a cloze and a 4-way choice) keeps this under a minute on 2 busy cores
@@ -199,6 +200,7 @@ def test_adapter_matches_lm_eval_hf_on_a_ternary_checkpoint(ternary_dir, task_di
 
 
 def test_simple_evaluate_route_and_rolling(ternary_dir):
+    pytest.importorskip("lm_eval")
     import lm_eval
     from lm_eval.api.instance import Instance
 
@@ -220,6 +222,7 @@ def test_simple_evaluate_route_and_rolling(ternary_dir):
 
 
 def test_cli_eval_local_tasks_end_to_end(tmp_path, ternary_dir, task_dir):
+    pytest.importorskip("lm_eval")
     from typer.testing import CliRunner
 
     from bitllm.cli import app

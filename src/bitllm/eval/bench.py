@@ -389,7 +389,7 @@ def run_bench(model: str, baselines: list[str] = (), *, fp_model: str | None = N
     for b in baselines:
         if b == "fp":
             spec = fp_model or str(make_fp_twin(model, work / f"fp-twin-{fp_dtype}", fp_dtype))
-            label = f"PyTorch {fp_dtype}" + ("" if fp_model else " (same-shape twin, random weights)")
+            label = f"PyTorch ({Path(fp_model).name})" if fp_model else f"PyTorch {fp_dtype} (same-shape twin, random weights)"
             plan.append((label, "fp", spec))
         else:
             plan.append(("llama.cpp TQ2_0", "llama.cpp", str(work / "model-tq2_0.gguf")))
