@@ -134,3 +134,59 @@ def test_import_rejects_bad_files(tmp_path):
     with pytest.raises(FormatError, match="trunc.gguf"):
         import_gguf(tmp_path / "trunc.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- llama.cpp itself -------------------------------------------------------------------------------
+
+TOP1_GOAL = 0.99  # share of teacher-forced positions where llama.cpp's top-1 equals bitllm's
+# llama.cpp quantizes activations per 256-block (Q8_K), bitllm per token (absmax int8): the two
+# round differently, so logits differ by a few per cent of their spread, not bitwise.
+LOGIT_BUDGET = 0.05  # max |llama.cpp - bitllm| / (max - min of bitllm's logits), per position
+
+
+def _trained_checkpoint(tmp_path, family, **kw):
+    """A tiny ternary model trained for a few dozen steps on a short text, so that its predictions
+    are peaked the way a real model's are (random weights give near-ties that any two kernels break
+    differently)."""
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    model = tiny_model(family, **{**SHAPE, **kw}).train()
+    quantize_(model, config_for("ternary"))
+    text = ("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. "
+            "The quick brown fox jumps over the lazy dog. ") * 8
+    ids = torch.tensor(tok(text).input_ids)
+    windows = ids.unfold(0, 65, 16)  # (n, 65)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        batch = windows[torch.randint(0, windows.shape[0], (8,), generator=g), :-1]  # (8, 64)
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    save_pretrained(model, tmp_path / "trained", "i2", tokenizer=tok)
+    return tmp_path / "trained", tok, text
+
+
+@pytest.mark.parametrize("family,kw", [("llama", {}), ("bitnet", {"hidden_act": "silu"})])
+def test_llama_cpp_runs_the_export_and_agrees(tmp_path, family, kw):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make setup`")
+    ck, tok, text = _trained_checkpoint(tmp_path, family, **kw)
+    ids = tok(text).input_ids[:64]
+    model = from_pretrained(ck)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]  # (64, vocab)
+    spread = (ours.amax(-1) - ours.amin(-1)).clamp(min=1e-6)
+    for qtype in ("tq2_0", "tq1_0"):
+        f = export_gguf(ck, tmp_path / f"m-{qtype}.gguf", qtype, embed_type="f32")
+        llm = llama_cpp.Llama(model_path=str(f), n_ctx=64, n_threads=2, n_threads_batch=2, logits_all=True,
+                              flash_attn=True, verbose=False)
+        llm.eval(ids)
+        theirs = torch.from_numpy(np.array(llm.scores[:64], dtype=np.float32))  # (64, vocab)
+        llm.close()
+        agree = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
+        err = ((theirs - ours).abs().amax(-1) / spread).max().item()
+        print(f"llama.cpp {family} {qtype}: top-1 agreement {agree:.3f}, max logit error {err:.4f} of the spread")
+        assert agree >= TOP1_GOAL, qtype
+        assert err <= LOGIT_BUDGET, qtype
