@@ -260,6 +260,8 @@ def main() -> None:
     ap.add_argument("--torch-tg", type=int, default=16, help="decode tokens per rep for the (slow) PyTorch rows")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--torch-dtypes", default="fp32,bf16")
+    ap.add_argument("--variants", default="llama-i2-i8,llama-t1-i8,llama-i2-f16,bitnet-i2-i8",
+                    help="bitllm rows as layout-kernelformat-head")
     ap.add_argument("--gguf", default=None, help="llama.cpp hook: a GGUF of the same weights")
     ap.add_argument("--llamacpp", action="store_true",
                     help="export the Llama-layout weights to GGUF TQ2_0 / TQ1_0 (head Q8_0) and run llama.cpp on them")
@@ -290,12 +292,14 @@ def main() -> None:
         if cfg_file.exists() and json.loads(cfg_file.read_text())["hidden_size"] == shape["hidden"] and \
                 (work / layout / "tokenizer.json").exists():
             dirs[layout] = work / layout  # reuse (same seed, same shape)
+            verb = "reused"
         else:
             dirs[layout] = write_random_checkpoint(work / layout, layout, shape)
+            verb = "wrote"
         size = sum(f.stat().st_size for f in dirs[layout].glob("*.safetensors"))
-        print(f"wrote random {layout} checkpoint: {size / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s")
+        print(f"{verb} random {layout} checkpoint: {size / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s")
 
-    variants = [("llama", "i2", "i8"), ("llama", "t1", "i8"), ("llama", "i2", "f16"), ("bitnet", "i2", "i8")]
+    variants = [tuple(v.split("-")) for v in a.variants.split(",") if v]
     rows, results = [], []
     for layout, kf, head in variants:
         mem = measure_rss(dirs[layout], head, a.pp + a.tg)
