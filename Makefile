@@ -6,8 +6,9 @@ VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip
 # torch is pinned and installed first: an unpinned torch makes pip pick a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
-# cross toolchain + emulator for the Arm kernel/engine tests; Chromium + driver for the chat-page test
-APT_PKGS := g++-aarch64-linux-gnu qemu-user chromium chromium-driver
+# cross toolchain + emulator for the Arm kernel/engine tests; SIMDe to run the AVX-512 kernels emulated
+# on CPUs without AVX-512; Chromium + driver for the chat-page test
+APT_PKGS := g++-aarch64-linux-gnu qemu-user chromium chromium-driver libsimde-dev
 STAMP := $(VENV)/.bitllm-setup
 NATIVE_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h) CMakeLists.txt pyproject.toml
 

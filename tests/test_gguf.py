@@ -176,7 +176,14 @@ def test_llama_cpp_runs_the_export_and_agrees(tmp_path, family, kw):
     ids = tok(text).input_ids[:64]
     model = from_pretrained(ck)
     with torch.no_grad():
-        ours = model(torch.tensor([ids])).logits[0]  # (64, vocab)
+        reference = model(torch.tensor([ids])).logits[0]  # (64, vocab), the HF path with PackedLinear
+    from bitllm.engine import LLM
+
+    engine = LLM(ck, backend="native")
+    slot = engine.backend.open(len(ids))
+    ours = torch.from_numpy(engine.backend.forward([slot], [ids], all_logits=True))  # (64, vocab), native engine
+    engine.backend.close(slot)
+    assert torch.equal(ours.argmax(-1), reference.argmax(-1))
     spread = (ours.amax(-1) - ours.amin(-1)).clamp(min=1e-6)
     for qtype in ("tq2_0", "tq1_0"):
         f = export_gguf(ck, tmp_path / f"m-{qtype}.gguf", qtype, embed_type="f32")
