@@ -269,7 +269,7 @@ def _measure(cfg: BenchConfig, one, batched, vocab: int, load_s: float, rss0: fl
         "backend": backend_name,
         "load_s": load_s,
         "rss_before_load_mib": rss0, "rss_after_load_mib": rss1, "rss_peak_mib": peak_rss_mib(),
-        "model_rss_mib": rss1 - rss0,
+        "model_rss_mib": None,  # set below: peak RSS over load and run, minus RSS before load
         "prefill_tok_s": _summary(prefill),
         "decode_tok_s": _summary(decode),
         "latency_ms": {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
@@ -288,6 +288,9 @@ def _measure(cfg: BenchConfig, one, batched, vocab: int, load_s: float, rss0: fl
         runs = [batched(bs, r) for r in range(cfg.reps)]
         row["batched"][str(bs)] = {"tok_s": _summary([a for a, _ in runs]), "decode_tok_s": _summary([b for _, b in runs])}
     row["rss_peak_mib"] = peak_rss_mib()
+    # mmap'd weights (safetensors, GGUF) are resident only once touched, so RSS right after the load
+    # undercounts them: the model's memory is the peak over load and run (weights, KV cache, buffers)
+    row["model_rss_mib"] = row["rss_peak_mib"] - rss0
     return row
 
 

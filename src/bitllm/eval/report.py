@@ -32,7 +32,7 @@ def bench_markdown(res: dict) -> str:
     base = next((r for r in res["rows"] if r["label"] == res.get("baseline")), None)
     ratio = lambda r, key: (r[key]["median"] / base[key]["median"]) if base and "skipped" not in base else None  # noqa: E731
     bs_keys = [str(b) for b in res["config"]["batch_sizes"]]
-    headers = ["engine", "file MiB", "model RSS MiB", "peak RSS MiB", "prefill tok/s (med/min)",
+    headers = ["engine", "file MiB", "RSS after load MiB", "model RSS MiB (peak - before)", "peak RSS MiB", "prefill tok/s (med/min)",
                "decode tok/s (med/min)", "decode x base", "p50/p90/p99 ms", "% roofline",
                *[f"batch {b} tok/s" for b in bs_keys], "J/token"]
     rows = []
@@ -43,7 +43,8 @@ def bench_markdown(res: dict) -> str:
         lat = r["latency_ms"]
         e = r["energy"]
         rows.append([
-            r["label"], r["file_bytes"] / 2**20, r["model_rss_mib"], r["rss_peak_mib"],
+            r["label"], r["file_bytes"] / 2**20, r["rss_after_load_mib"] - r["rss_before_load_mib"], r["model_rss_mib"],
+            r["rss_peak_mib"],
             f"{r['prefill_tok_s']['median']:.1f}/{r['prefill_tok_s']['min']:.1f}",
             f"{r['decode_tok_s']['median']:.1f}/{r['decode_tok_s']['min']:.1f}",
             ratio(r, "decode_tok_s"),
