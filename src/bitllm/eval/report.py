@@ -110,7 +110,7 @@ def plot_speed_memory(series: dict[str, list[dict]], path: str | Path, title: st
             if extr:
                 ax.plot([p[x_key] for p in meas[-1:] + extr], [p[key] for p in meas[-1:] + extr], "x--",
                         color=line.get_color(), label=f"{name} (extrapolated)")
-    for ax, lab in ((a1, "decode tokens/s (batch 1)"), (a2, "memory (MiB)")):
+    for ax, lab in ((a1, "decode tokens/s (batch 1)"), (a2, "model memory, MiB (peak RSS - RSS before load)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(x_label)
@@ -139,7 +139,7 @@ def write_bench_report(res: dict, out_dir: str | Path, name: str = "bench") -> d
     md.write_text(bench_markdown(res))
     paths["md"] = md
     series = {r["label"]: [{"file_mib": r["file_bytes"] / 2**20, "tok_s": r["decode_tok_s"]["median"],
-                            "memory_mib": r["rss_peak_mib"]}] for r in res["rows"] if "skipped" not in r}
+                            "memory_mib": r["model_rss_mib"]}] for r in res["rows"] if "skipped" not in r}
     if series:
         paths["png"] = plot_speed_memory(series, out / f"{name}.png", title="bitllm bench (one model per engine)",
                                          x_key="file_mib", x_label="model file size (MiB)")
