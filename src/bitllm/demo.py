@@ -40,7 +40,7 @@ def decode_engine(model_dir: Path, prompt: str, n: int, seed: int) -> tuple[str,
     c = llm.generate(prompt, max_new_tokens=n, temperature=0.8, top_k=40, seed=seed)
     s = llm.last_stats
     tok_s = s["decode_tokens"] / s["decode_s"] if s.get("decode_s") else float("nan")
-    return str(c), tok_s, f"bitllm engine ({llm.backend_name})"
+    return str(c), tok_s, f"engine ({llm.backend_name})"
 
 
 def decode_hf(model_dir: Path, prompt: str, n: int, seed: int) -> tuple[str, float, str]:
@@ -60,7 +60,7 @@ def decode_hf(model_dir: Path, prompt: str, n: int, seed: int) -> tuple[str, flo
         dt = time.perf_counter() - t0
     new = out[0, ids.shape[1]:]
     tok_s = new.numel() / dt  # includes the prefill of the few-token prompt
-    return tok.decode(new, skip_special_tokens=True), tok_s, "HF transformers (reference)"
+    return tok.decode(new, skip_special_tokens=True), tok_s, "HF reference"
 
 
 # the one line to change to measure the ternary model through the HF reference path instead of the engine
@@ -94,7 +94,7 @@ def _size(d: Path) -> int:
 
 def run_demo(output: Path, minutes: float = 6.0, preset: str = "demo") -> dict:
     """Train the ternary model and its fp twin within about `minutes` in all, then compare them."""
-    console = Console()
+    console = Console(width=max(Console().width, 100))  # the table needs ~100 columns even in a log file
     t_start = time.perf_counter()
     output = Path(output)
     for sub in ("ternary", "fp"):
@@ -127,7 +127,7 @@ def run_demo(output: Path, minutes: float = 6.0, preset: str = "demo") -> dict:
 
     t, f = results["ternary"], results["none"]
     plot = plot_losses({"ternary (BitNet b1.58, W1.58A8)": t.losses, "fp twin (fp32)": f.losses},
-                       output / "loss.png", title=f"same {steps * cfg.batch_size * m.seq_len / 1e6:.2f} M tokens",
+                       output / "loss.png", title=f"training loss, ternary vs its fp twin on the same {steps * cfg.batch_size * m.seq_len / 1e6:.2f} M tokens",
                        tokens_per_step=cfg.batch_size * m.seq_len)
 
     decoded = {q: DECODERS[q](results[q].model_dir, PROMPT, SAMPLE_TOKENS, 0) for q in ("ternary", "none")}
