@@ -20,13 +20,13 @@ from bitllm.convert import run as convert_run  # noqa: E402
 from bitllm.quant.config import OneBitConfig, TernaryConfig  # noqa: E402
 
 SEQ = 32
-COMMON = dict(seq_len=SEQ, batch_size=4, lr=3e-3, warmup_steps=3, teacher_dtype="fp32", max_eval_tokens=2048,
+COMMON = dict(seq_len=SEQ, batch_size=4, lr=1e-3, warmup_steps=3, teacher_dtype="fp32", max_eval_tokens=2048,
               progress=False)
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> tuple[Path, Path]:
-    """(teacher dir, corpus file): tiny llama trained for a few dozen steps on grammar sentences."""
+    """(teacher dir, corpus file): tiny llama trained for 250 steps on grammar sentences."""
     from bitllm.tiny import tiny_model, tiny_tokenizer
     from bitllm.train.data import batch_indices, encode_sources, pack
 
@@ -40,7 +40,7 @@ def teacher(tmp_path_factory) -> tuple[Path, Path]:
     model = tiny_model("llama", hidden=32, layers=2, vocab_size=len(tok), embed_std=1.0).train()
     blocks = pack(encode_sources(tok, [text[: int(len(text) * 0.9)]]), SEQ)  # (N, T)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(60):
+    for step in range(250):  # a teacher that knows more than 20 conversion steps can teach (held-out ppl ~1.75)
         x = blocks[batch_indices(blocks.shape[0], step, 8, 0)]
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
@@ -117,8 +117,9 @@ def test_svid_on_a_trained_matrix(teacher):
 def _runs_in_engine(model_dir: Path) -> None:
     loaded = bitllm.from_pretrained(model_dir)
     assert loaded(torch.tensor([[1, 5, 9]])).logits.isfinite().all()
-    out = bitllm.LLM(model_dir).generate("The old king", max_new_tokens=4)
-    assert len(out[0].token_ids) >= 1
+    llm = bitllm.LLM(model_dir)
+    out = llm.generate("The old king", max_new_tokens=4)
+    assert isinstance(out, str) and len(llm.encode(out, add_special_tokens=False)) >= 1
 
 
 @pytest.mark.parametrize("method", ["onebit", "qat"])
