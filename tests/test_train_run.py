@@ -23,6 +23,16 @@ from train_helpers import tiny_config
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread per test process: `make test` runs two xdist workers on two cores, and spinning
+    OpenMP threads on an oversubscribed machine slow these runs down many times over."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _falls(losses: list[float], by: float = 0.5) -> bool:
     return sum(losses[-5:]) / 5 < losses[0] - by
 
