@@ -182,3 +182,19 @@ def test_teacher_generated_data(teacher, tmp_path):
     blocks = torch.load(tmp_path / "gen" / "teacher_data.pt", weights_only=True)
     assert blocks.shape == (4, SEQ)
     assert r.report["data"].startswith("4 sequences sampled")
+
+
+def test_cli_convert(teacher, tmp_path):
+    from typer.testing import CliRunner
+
+    from bitllm.cli import app
+
+    tdir, corpus = teacher
+    out = tmp_path / "cli"
+    args = ["convert", str(tdir), "--method", "qat", "-o", str(out), "--data", str(corpus), "--steps", "2",
+            "--batch-size", "2", "--seq-len", str(SEQ), "--teacher-dtype", "fp32", "--lambda-warmup", "1"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "converted" in res.output and (out / "model" / "config.json").exists()
+    res = CliRunner().invoke(app, args)  # a second run into the same directory must be asked for
+    assert res.exit_code != 0 and "--resume" in str(res.exception)

@@ -64,6 +64,47 @@ def train(
 
 
 @app.command()
+def convert(
+    model: str = typer.Argument(..., help="Teacher: HF model directory, hub id, or a .gguf file (dequantized by transformers)."),
+    method: str = typer.Option("onebit", help="onebit (W1A16: SVID init + distillation) | qat (BitNet b1.58 with λ warm-up)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output directory: model/, checkpoint/, report.json/.md, loss.png."),
+    data: list[str] = typer.Option(["bundled"], "--data", help="Training text: FILE | DIR | hf:NAME | bundled (repeatable), or teacher:N (N sequences sampled from the teacher)."),
+    eval_data: list[str] = typer.Option([], "--eval-data", help="Held-out text sources (default: the held-out tails of --data; bundled for teacher:N)."),
+    steps: int = typer.Option(1000, help="Optimizer steps."),
+    batch_size: int = typer.Option(8, help="Sequences per step (over all processes)."),
+    micro_batch_size: Optional[int] = typer.Option(None, help="Sequences per forward pass (gradient accumulation)."),
+    seq_len: int = typer.Option(256, help="Tokens per sequence."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 4e-4 onebit, 1e-4 qat)."),
+    warmup_steps: Optional[int] = typer.Option(None, help="LR warm-up steps (default min(500, steps/10)); cosine after."),
+    distill: bool = typer.Option(True, help="Distil from the teacher (KL + hidden-state MSE); --no-distill: plain CE."),
+    svid: bool = typer.Option(True, help="onebit: SVID init of g, h; --no-svid: g=1, h=mean|W|."),
+    kd_scale: float = typer.Option(0.01, help="s: weight of KL(teacher||student) (batchmean)."),
+    kd_beta: float = typer.Option(1.0, help="β: weight of the normalised hidden-state MSE (0 = off)."),
+    lambda_warmup: Optional[int] = typer.Option(None, help="qat: steps for λ to rise linearly 0→1 (default min(1000, steps/5))."),
+    freeze_embeddings: bool = typer.Option(False, help="Keep the token embeddings (and a tied lm_head) frozen."),
+    teacher_dtype: str = typer.Option("bf16", help="bf16 | fp16 | fp32 (the student is always fp32 latent weights)."),
+    save_every: int = typer.Option(200, help="Atomic checkpoint every N steps (and at the end)."),
+    resume: bool = typer.Option(False, help="Continue bit-exactly from OUTPUT/checkpoint if it exists."),
+    overwrite: bool = typer.Option(False, help="Start again over an existing run in OUTPUT."),
+) -> None:
+    """Convert a pretrained causal LM to 1 bit (OneBit) or 1.58 bits (BitNet QAT) by distillation from itself."""
+    from bitllm.convert import convert as run_convert
+
+    result = run_convert(
+        model, method, output, resume=resume, overwrite=overwrite, data=list(data), eval_data=list(eval_data) or None,
+        steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size, seq_len=seq_len, lr=lr,
+        warmup_steps=warmup_steps, distill=distill, svid=svid, kd_scale=kd_scale, kd_beta=kd_beta,
+        lambda_warmup=lambda_warmup, freeze_embeddings=freeze_embeddings, teacher_dtype=teacher_dtype,
+        save_every=save_every,
+    )
+    if not result.is_main_process:
+        return
+    ppl = ", ".join(f"{k} teacher {result.teacher_ppl.get(k, float('nan')):.2f} -> student {v:.2f}"
+                    for k, v in result.student_ppl.items())
+    console.print(f"[green]converted[/green] {result.model_dir}  held-out perplexity: {ppl}  (report: {output / 'report.md'})")
+
+
+@app.command()
 def demo(
     output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Where the demo writes its files."),
     minutes: float = typer.Option(6.0, help="Time budget for the whole demo; both models get the same steps."),
