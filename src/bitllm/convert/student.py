@@ -31,7 +31,11 @@ def load_teacher(spec: str, dtype: str = "bf16"):
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise BitLLMError(f"{p} is a file but not a .gguf; pass a model directory, a hub id or a GGUF file")
-        kw = {"gguf_file": p.name}
+        from transformers import GgufConfig
+
+        # transformers 5 keeps GGUF weights packed (its own matmul kernels) unless told to dequantize; the student
+        # is built from dense nn.Linear weights
+        kw = {"gguf_file": p.name, "quantization_config": GgufConfig(dequantize=True)}
         where = p.parent
     else:
         kw = {}
@@ -40,7 +44,11 @@ def load_teacher(spec: str, dtype: str = "bf16"):
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kw)
     except ValueError as e:
         raise UnsupportedModelError(f"{spec}: transformers cannot load it as a causal LM: {e}") from None
-    tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": kw["gguf_file"]} if kw else {}))
+    if kw:  # dequantized: a dense model now, whatever the config remembers of the file
+        model.config.quantization_config = None
+        delattr(model.config, "quantization_config")
+        model.hf_quantizer = None
     if tokenizer.eos_token_id is None:
         raise BitLLMError(f"{spec}: the tokenizer has no EOS token; conversion needs one to separate documents")
     if getattr(model.config, "quantization_config", None) is not None:
@@ -55,6 +63,9 @@ def _skeleton(config) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    config = type(config).from_dict(config.to_dict())  # a copy without any quantization_config of the teacher
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config)
 
