@@ -11,6 +11,9 @@ TORCH_PIN := torch==2.13.0
 APT_PKGS := g++-aarch64-linux-gnu qemu-user chromium chromium-driver libsimde-dev
 STAMP := $(VENV)/.bitllm-setup
 NATIVE_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h) CMakeLists.txt pyproject.toml
+# the editable install (scikit-build-core redirect mode) maps the Python files present at install time:
+# a new module needs a re-install, so the stamp depends on the Python sources too
+PY_SRC := $(shell find src -name '*.py' -o -name '*.html' 2>/dev/null)
 
 .PHONY: setup demo test bench clean apt
 
@@ -24,7 +27,7 @@ apt:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(STAMP): $(NATIVE_SRC) | apt
+$(STAMP): $(NATIVE_SRC) $(PY_SRC) | apt
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
