@@ -74,6 +74,7 @@ def convert(
     batch_size: int = typer.Option(8, help="Sequences per step (over all processes)."),
     micro_batch_size: Optional[int] = typer.Option(None, help="Sequences per forward pass (gradient accumulation)."),
     seq_len: int = typer.Option(256, help="Tokens per sequence."),
+    max_eval_tokens: int = typer.Option(16384, help="Held-out tokens scored per split (teacher and student)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 4e-4 onebit, 1e-4 qat)."),
     warmup_steps: Optional[int] = typer.Option(None, help="LR warm-up steps (default min(500, steps/10)); cosine after."),
     distill: bool = typer.Option(True, help="Distil from the teacher (KL + hidden-state MSE); --no-distill: plain CE."),
@@ -92,7 +93,8 @@ def convert(
 
     result = run_convert(
         model, method, output, resume=resume, overwrite=overwrite, data=list(data), eval_data=list(eval_data) or None,
-        steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size, seq_len=seq_len, lr=lr,
+        steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size, seq_len=seq_len,
+        max_eval_tokens=max_eval_tokens, lr=lr,
         warmup_steps=warmup_steps, distill=distill, svid=svid, kd_scale=kd_scale, kd_beta=kd_beta,
         lambda_warmup=lambda_warmup, freeze_embeddings=freeze_embeddings, teacher_dtype=teacher_dtype,
         save_every=save_every,
