@@ -178,10 +178,14 @@ def test_teacher_generated_data(teacher, tmp_path):
     """data=["teacher:N"] samples N sequences from the teacher (cached for resume) and trains on them."""
     tdir, corpus = teacher
     r = convert(str(tdir), "qat", tmp_path / "gen", data=["teacher:4"], eval_data=[str(corpus)], steps=2,
-                **COMMON)
+                freeze_embeddings=True, **COMMON)
     blocks = torch.load(tmp_path / "gen" / "teacher_data.pt", weights_only=True)
     assert blocks.shape == (4, SEQ)
     assert r.report["data"].startswith("4 sequences sampled")
+    emb = bitllm.from_pretrained(r.model_dir).get_input_embeddings().weight
+    from transformers import AutoModelForCausalLM
+
+    assert torch.equal(emb, AutoModelForCausalLM.from_pretrained(tdir).get_input_embeddings().weight)  # frozen
 
 
 def test_cli_convert(teacher, tmp_path):
