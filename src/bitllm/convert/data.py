@@ -41,7 +41,8 @@ def sample_teacher(teacher, tokenizer, n: int, seq_len: int, temperature: float 
     try:
         while len(stream) < n * seq_len:
             x = torch.full((batch, 1), start, dtype=torch.long, device=device)  # (b, 1)
-            out = teacher.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+            out = teacher.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=temperature,
+                                   top_k=0, top_p=1.0,
                                    max_new_tokens=seq_len - 1, pad_token_id=eos, eos_token_id=eos)  # (b, <=T)
             for row in out.tolist():
                 if eos in row[1:]:

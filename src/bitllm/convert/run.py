@@ -87,7 +87,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def _dir_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin", ".gguf"))
+    weights = (".safetensors", ".bin", ".gguf")
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in weights)
 
 
 def _teacher_bytes(spec: str, teacher: nn.Module) -> dict[str, Any]:
@@ -121,7 +122,10 @@ def run_conversion(cfg: ConvertConfig, *, resume: bool = False, overwrite: bool 
             raise BitLLMError(f"{out} already holds a conversion checkpoint; pass --resume to continue it, or "
                               "--overwrite (or another output directory) to start again")
         for name in (CKPT, MODEL, TEACHER_DATA):
-            shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "convert_config.json", cfg.to_json().encode())
     accelerator.wait_for_everyone()
@@ -186,14 +190,16 @@ def run_conversion(cfg: ConvertConfig, *, resume: bool = False, overwrite: bool 
                 sync = j == n_micro - 1  # all-reduce the gradients once per optimizer step
                 with accelerator.no_sync(student) if not sync else contextlib.nullcontext():
                     s_out = student(input_ids=x, output_hidden_states=want_hidden)
-                    parts = distill_loss(s_out, t_out, x, cfg.kd_alpha, cfg.kd_scale, cfg.kd_beta if want_hidden else 0.0)
+                    parts = distill_loss(s_out, t_out, x, cfg.kd_alpha, cfg.kd_scale,
+                                         cfg.kd_beta if want_hidden else 0.0)
                     accelerator.backward(parts.total / n_micro)
                 del t_out, s_out  # a 262k-vocab model's logits are the biggest tensors in the step
                 sums += torch.tensor([parts.total.item(), parts.kd, parts.hidden, parts.ce],
                                      device=accelerator.device) / n_micro
             total, kd, hid, ce = accelerator.reduce(sums, reduction="mean").tolist()
             if not math.isfinite(total):
-                raise TrainingDivergedError(f"loss is {total} at step {step + 1}; conversion stopped. " + _where(state, ckpt_dir))
+                raise TrainingDivergedError(f"loss is {total} at step {step + 1}; conversion stopped. "
+                                            + _where(state, ckpt_dir))
             if cfg.grad_clip > 0:
                 norm = accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
                 if not math.isfinite(float(norm)):
