@@ -28,7 +28,13 @@ from bitllm.convert.student import build_student, load_teacher
 from bitllm.errors import BitLLMError
 from bitllm.formats.atomic import atomic_write_bytes
 from bitllm.train.data import batch_indices, eval_windows
-from bitllm.train.trainer import TrainingDivergedError, heldout_perplexity, load_checkpoint, save_checkpoint
+from bitllm.train.trainer import (
+    TrainingDivergedError,
+    heldout_perplexity,
+    load_checkpoint,
+    save_checkpoint,
+)
+from bitllm.train.trainer import _accelerator  # the same accelerate setup as training (reads cfg.mixed_precision)
 
 CKPT = "checkpoint"
 MODEL = "model"
@@ -63,16 +69,6 @@ def quant_config(cfg: ConvertConfig):
 def peak_rss_mb() -> float:
     """Peak resident set size of this process in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _accelerator(cfg: ConvertConfig):
-    from accelerate import Accelerator
-
-    cuda = torch.cuda.is_available()
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(cpu=not cuda, mixed_precision=mp)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
