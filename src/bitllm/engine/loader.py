@@ -9,7 +9,6 @@ C++ test loads without Python.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from bitllm.errors import BitLLMError, FormatError, UnsupportedModelError
+from bitllm.formats.checkpoint import read_config  # noqa: F401  (re-exported: engine code and tests use it here)
 
 FAMILIES = ("llama", "bitnet", "phi")
 ACTS = ("silu", "swish", "relu2", "relu", "gelu_new", "gelu_python_tanh", "gelu", "gelu_python", "gelu_pytorch_tanh")
@@ -252,24 +252,6 @@ def iter_tensors(spec: EngineSpec, src: _Source, config: dict[str, str]) -> Iter
 
 
 # --- entry points ----------------------------------------------------------------------------------
-
-
-def read_config(directory: Path):
-    """(transformers config, quantization_config dict, raw config dict) of a model directory."""
-    from transformers import AutoConfig
-
-    cfg_path = directory / "config.json"
-    if not cfg_path.exists():
-        raise FormatError(f"{directory}: no config.json")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{cfg_path}: invalid JSON ({e})") from None
-    try:
-        cfg = AutoConfig.from_pretrained(directory)
-    except (ValueError, KeyError) as e:
-        raise UnsupportedModelError(f"{cfg_path}: unsupported architecture {raw.get('model_type')!r} ({e})") from None
-    return cfg, raw.get("quantization_config"), raw
 
 
 def _options(config: dict[str, str], head: str, kernel_format: str | None) -> dict[str, str]:

@@ -306,6 +306,22 @@ def _bitnet_targets(model: nn.Module, qc: dict) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and should_convert_module(n, skip)]
 
 
+def read_config(directory: Path):
+    """(transformers config, quantization_config dict or None, raw config dict) of a model directory."""
+    cfg_path = Path(directory) / "config.json"
+    if not cfg_path.exists():
+        raise FormatError(f"{directory}: no config.json")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{cfg_path}: invalid JSON ({e})") from None
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError) as e:
+        raise UnsupportedModelError(f"{cfg_path}: unsupported architecture {raw.get('model_type')!r} ({e})") from None
+    return config, raw.get("quantization_config"), raw
+
+
 def from_pretrained(
     path_or_id: str | os.PathLike,
     *,
@@ -320,17 +336,7 @@ def from_pretrained(
     """
     directory = resolve_model_dir(path_or_id, revision, token)
     cfg_path = directory / "config.json"
-    if not cfg_path.exists():
-        raise FormatError(f"{directory}: no config.json")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{cfg_path}: invalid JSON ({e})") from None
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except (ValueError, KeyError) as e:
-        raise UnsupportedModelError(f"{cfg_path}: unsupported architecture {raw.get('model_type')!r} ({e})") from None
-    qc = raw.get("quantization_config")
+    config, qc, _ = read_config(directory)
     if qc is None:
         log.info("%s has no quantization_config: loading the full-precision model", directory)
         return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
