@@ -37,6 +37,16 @@ static void need(bool ok, const std::string& what) {
     if (!ok) throw std::invalid_argument(what);
 }
 
+// Shape checks shared by the matmul bindings: packed (N, K) weights, wscale/bias (N,), out (M, N).
+static void need_linear_shapes(const char* fn, Format fm, int64_t packed_len, int64_t N, int64_t K, int64_t M,
+                               int64_t wscale_len, const int64_t* bias_len, int64_t out_rows, int64_t out_cols) {
+    const std::string f = fn;
+    need(packed_len == packed_bytes(fm, N, K), f + ": packed has the wrong size");
+    need(wscale_len == N, f + ": wscale must be (N,)");
+    need(!bias_len || *bias_len == N, f + ": bias must be (N,)");
+    need(out_rows == M && out_cols == N, f + ": out must be (M, N)");
+}
+
 NB_MODULE(_core, m) {
     m.doc() = "bitllm native core: 1-bit / 1.58-bit CPU kernels (see csrc/kernels.h)";
     m.def("version", []() { return 1; });
@@ -107,12 +117,11 @@ NB_MODULE(_core, m) {
         const Format fm = fmt_of(f);
         const Isa is = isa_of(isa);
         const int64_t M = (int64_t)q.shape(0);
-        need((int64_t)packed.shape(0) == packed_bytes(fm, N, K), "gemm_a8: packed has the wrong size");
+        const int64_t bias_len = bias ? (int64_t)bias->shape(0) : 0;
+        need_linear_shapes("gemm_a8", fm, (int64_t)packed.shape(0), N, K, M, (int64_t)wscale.shape(0),
+                           bias ? &bias_len : nullptr, (int64_t)out.shape(0), (int64_t)out.shape(1));
         need((int64_t)q.shape(1) >= K, "gemm_a8: q must be (M, >=K)");
         need((int64_t)xscale.shape(0) == M && (int64_t)qsum.shape(0) == M, "gemm_a8: xscale/qsum must be (M,)");
-        need((int64_t)wscale.shape(0) == N, "gemm_a8: wscale must be (N,)");
-        need(!bias || (int64_t)bias->shape(0) == N, "gemm_a8: bias must be (N,)");
-        need((int64_t)out.shape(0) == M && (int64_t)out.shape(1) == N, "gemm_a8: out must be (M, N)");
         const float* b = bias ? bias->data() : nullptr;
         nb::gil_scoped_release g;
         gemm_a8(fm, packed.data(), N, K, q.data(), (int64_t)q.shape(1), xscale.data(), qsum.data(), M,
@@ -128,11 +137,10 @@ NB_MODULE(_core, m) {
         const Format fm = fmt_of(f);
         const Isa is = isa_of(isa);
         const int64_t M = (int64_t)x.shape(0);
-        need((int64_t)packed.shape(0) == packed_bytes(fm, N, K), "linear_a8: packed has the wrong size");
+        const int64_t bias_len = bias ? (int64_t)bias->shape(0) : 0;
+        need_linear_shapes("linear_a8", fm, (int64_t)packed.shape(0), N, K, M, (int64_t)wscale.shape(0),
+                           bias ? &bias_len : nullptr, (int64_t)out.shape(0), (int64_t)out.shape(1));
         need((int64_t)x.shape(1) == K, "linear_a8: x must be (M, K)");
-        need((int64_t)wscale.shape(0) == N, "linear_a8: wscale must be (N,)");
-        need(!bias || (int64_t)bias->shape(0) == N, "linear_a8: bias must be (N,)");
-        need((int64_t)out.shape(0) == M && (int64_t)out.shape(1) == N, "linear_a8: out must be (M, N)");
         const float* b = bias ? bias->data() : nullptr;
         nb::gil_scoped_release g;
         const int64_t Kp = padded_k(fm, K);
@@ -152,11 +160,10 @@ NB_MODULE(_core, m) {
         const Format fm = fmt_of(f);
         const Isa is = isa_of(isa);
         const int64_t M = (int64_t)x.shape(0);
-        need((int64_t)packed.shape(0) == packed_bytes(fm, N, K), "linear_f32: packed has the wrong size");
+        const int64_t bias_len = bias ? (int64_t)bias->shape(0) : 0;
+        need_linear_shapes("linear_f32", fm, (int64_t)packed.shape(0), N, K, M, (int64_t)wscale.shape(0),
+                           bias ? &bias_len : nullptr, (int64_t)out.shape(0), (int64_t)out.shape(1));
         need((int64_t)x.shape(1) == K, "linear_f32: x must be (M, K)");
-        need((int64_t)wscale.shape(0) == N, "linear_f32: wscale must be (N,)");
-        need(!bias || (int64_t)bias->shape(0) == N, "linear_f32: bias must be (N,)");
-        need((int64_t)out.shape(0) == M && (int64_t)out.shape(1) == N, "linear_f32: out must be (M, N)");
         const float* b = bias ? bias->data() : nullptr;
         nb::gil_scoped_release g;
         gemm_f32(fm, packed.data(), N, K, x.data(), K, M, wscale.data(), b, out.data(), is);
