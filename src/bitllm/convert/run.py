@@ -32,11 +32,13 @@ from bitllm.train.trainer import (
     TrainingDivergedError,
     heldout_perplexity,
     load_checkpoint,
+    resume_advice,
     save_checkpoint,
 )
 from bitllm.train.trainer import _accelerator  # the same accelerate setup as training (reads cfg.mixed_precision)
 
 CKPT = "checkpoint"
+FIX = "lower --lr or raise --warmup-steps"  # the knobs a diverged conversion should turn
 MODEL = "model"
 TEACHER_DATA = "teacher_data.pt"
 
@@ -162,7 +164,6 @@ def run_conversion(cfg: ConvertConfig, *, resume: bool = False, overwrite: bool 
 
     distill = cfg.distill
     want_hidden = distill and cfg.kd_beta > 0
-    tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not (main and progress), unit="step",
                desc=f"convert {cfg.method}", dynamic_ncols=True)
     try:
@@ -195,12 +196,12 @@ def run_conversion(cfg: ConvertConfig, *, resume: bool = False, overwrite: bool 
             total, kd, hid, ce = accelerator.reduce(sums, reduction="mean").tolist()
             if not math.isfinite(total):
                 raise TrainingDivergedError(f"loss is {total} at step {step + 1}; conversion stopped. "
-                                            + _where(state, ckpt_dir))
+                                            + resume_advice(state, ckpt_dir, FIX))
             if cfg.grad_clip > 0:
                 norm = accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
                 if not math.isfinite(float(norm)):
                     raise TrainingDivergedError(f"gradient norm is {float(norm)} at step {step + 1}; stopped before "
-                                                "the update. " + _where(state, ckpt_dir))
+                                                "the update. " + resume_advice(state, ckpt_dir, FIX))
             opt.step()
             opt.zero_grad(set_to_none=True)
             state["step"] = step + 1
@@ -227,13 +228,6 @@ def run_conversion(cfg: ConvertConfig, *, resume: bool = False, overwrite: bool 
         path = out / "report.json"
         result = ConvertResult(out, out / MODEL, json.loads(path.read_text()) if path.exists() else {}, False)
     return result
-
-
-def _where(state: dict, ckpt_dir: Path) -> str:
-    if not state["last_good_checkpoint"]:
-        return "No checkpoint was written yet; lower --lr or raise the warm-up and start again."
-    return (f"The last good checkpoint (step {state['last_good_checkpoint']}) is in {ckpt_dir}; continue it with "
-            "--resume after lowering the learning rate.")
 
 
 def _after_checkpoint(step: int) -> None:

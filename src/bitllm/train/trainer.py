@@ -271,12 +271,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, co
             loss_val = accelerator.reduce(loss_sum, reduction="mean").item()
             if not math.isfinite(loss_val):
                 raise TrainingDivergedError(f"loss is {loss_val} at step {step + 1}; training stopped. "
-                                            + _where(state, ckpt_dir))
+                                            + resume_advice(state, ckpt_dir))
             if cfg.recipe.grad_clip > 0:
                 norm = accelerator.clip_grad_norm_(model.parameters(), cfg.recipe.grad_clip)
                 if not math.isfinite(float(norm)):  # the loss was finite but the update would poison the weights
                     raise TrainingDivergedError(f"gradient norm is {float(norm)} at step {step + 1}; training "
-                                                "stopped before the update. " + _where(state, ckpt_dir))
+                                                "stopped before the update. " + resume_advice(state, ckpt_dir))
             opt.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
@@ -311,11 +311,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, co
     return result
 
 
-def _where(state: dict, ckpt_dir: Path) -> str:
+def resume_advice(state: dict, ckpt_dir: Path, fix: str = "lower recipe.lr or raise recipe.warmup_steps") -> str:
+    """Where a diverged run can continue from (training and conversion share it); `fix` names the knobs."""
     if not state["last_good_checkpoint"]:
-        return "No checkpoint was written yet; lower recipe.lr or raise recipe.warmup_steps and start again."
-    return (f"The last good checkpoint (step {state['last_good_checkpoint']}) is in {ckpt_dir}; resume it with "
-            "--resume after lowering recipe.lr or raising recipe.warmup_steps.")
+        return f"No checkpoint was written yet; {fix} and start again."
+    return (f"The last good checkpoint (step {state['last_good_checkpoint']}) is in {ckpt_dir}; {fix}, then "
+            "continue it with --resume.")
 
 
 def _after_checkpoint(step: int) -> None:
