@@ -178,40 +178,66 @@ namespace {
 // and waits only for chunks that were claimed, so a worker the OS has not scheduled yet (a busy
 // machine) delays nothing: a fork-join barrier (OpenMP) would wait for it a whole time slice.
 struct Job {
-    void (*call)(void* ctx, int64_t chunk);
+    void (*call)(void* ctx, int64_t chunk, int tid);
     void* ctx;
     int64_t total;
     std::atomic<int64_t> next{0}, done{0};
 };
 
+inline void cpu_relax() {
+#if defined(__x86_64__)
+    _mm_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+// How long an idle worker spins before it sleeps: a decode step calls the pool every few tens of
+// µs, and waking a sleeping thread costs 5-50 µs on a VM — as long as a small GEMV. BITLLM_SPIN_US.
+int spin_us() {
+    static const int us = [] {
+        const char* e = std::getenv("BITLLM_SPIN_US");
+        return e ? std::max(0, std::atoi(e)) : 300;
+    }();
+    return us;
+}
+
+thread_local bool t_in_pool = false;  // a worker (or a caller inside run) runs nested work inline
+
 class Pool {
 public:
-    void run(int nt, const std::shared_ptr<Job>& job) {
+    // Returns false (and does nothing) when another thread is using the pool: the caller then runs
+    // the job alone instead of waiting.
+    bool run(int nt, Job& job) {
+        std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
+        if (!busy.owns_lock()) return false;
         ensure(nt - 1);
+        wanted_.store(nt - 1);
+        job_.store(&job);
+        gen_.fetch_add(1);
         {
             std::lock_guard<std::mutex> l(mu_);
-            job_ = job;
-            wanted_ = nt - 1;
-            ++gen_;
+            if (sleepers_ > 0) cv_.notify_all();
         }
-        cv_.notify_all();
-        work(*job);
-        while (job->done.load(std::memory_order_acquire) < job->total) std::this_thread::yield();
-        std::lock_guard<std::mutex> l(mu_);
-        if (job_ == job) job_.reset();
+        t_in_pool = true;
+        work(job, 0);
+        t_in_pool = false;
+        while (job.done.load(std::memory_order_acquire) < job.total) cpu_relax();
+        job_.store(nullptr);
+        while (holding_.load() > 0) cpu_relax();  // nobody may still read `job` (the caller's stack)
+        return true;
     }
 
 private:
-    static void work(Job& j) {
+    static void work(Job& j, int tid) {
         for (;;) {
             const int64_t c = j.next.fetch_add(1, std::memory_order_relaxed);
             if (c >= j.total) return;
-            j.call(j.ctx, c);
+            j.call(j.ctx, c, tid);
             j.done.fetch_add(1, std::memory_order_release);
         }
     }
     void ensure(int n) {
-        std::lock_guard<std::mutex> l(spawn_mu_);
         while ((int)threads_.size() < n) {
             const int id = (int)threads_.size();
             threads_.emplace_back([this, id] { loop(id); });
@@ -219,25 +245,35 @@ private:
         }
     }
     void loop(int id) {
-        uint64_t seen = 0;
+        t_in_pool = true;
+        uint64_t seen = gen_.load();
         for (;;) {
-            std::shared_ptr<Job> j;  // keeps a late worker's job alive; it finds no chunk left
-            {
-                std::unique_lock<std::mutex> l(mu_);
-                cv_.wait(l, [&] { return gen_ != seen; });
-                seen = gen_;
-                if (id >= wanted_) continue;
-                j = job_;
+            // spin a while for the next job, then sleep
+            const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us());
+            for (int i = 0; gen_.load(std::memory_order_acquire) == seen; ++i) {
+                cpu_relax();
+                if ((i & 255) == 255 && std::chrono::steady_clock::now() > until) {
+                    std::unique_lock<std::mutex> l(mu_);
+                    ++sleepers_;
+                    cv_.wait(l, [&] { return gen_.load() != seen; });
+                    --sleepers_;
+                    break;
+                }
             }
-            if (j) work(*j);
+            seen = gen_.load();
+            if (id >= wanted_.load()) continue;
+            holding_.fetch_add(1);
+            if (Job* j = job_.load()) work(*j, id + 1);
+            holding_.fetch_sub(1);
         }
     }
-    std::mutex mu_, spawn_mu_;
+    std::mutex run_mu_, mu_;
     std::condition_variable cv_;
-    std::vector<std::thread> threads_;
-    std::shared_ptr<Job> job_;
-    int wanted_ = 0;
-    uint64_t gen_ = 0;
+    std::vector<std::thread> threads_;  // guarded by run_mu_
+    std::atomic<Job*> job_{nullptr};
+    std::atomic<uint64_t> gen_{0};
+    std::atomic<int> wanted_{0}, holding_{0};
+    int sleepers_ = 0;  // guarded by mu_
 };
 
 Pool& pool() {
@@ -245,23 +281,50 @@ Pool& pool() {
     return *p;
 }
 
-// Run fn(c) for c in [0, chunks) on `nt` threads (the caller included).
+// Run fn(c, tid) for c in [0, chunks) on `nt` threads (the caller included, tid 0; tid < nt).
 template <class Fn>
-void parallel_chunks(int nt, int64_t chunks, Fn& fn) {
-    if (nt <= 1 || chunks <= 1) {
-        for (int64_t c = 0; c < chunks; ++c) fn(c);
+void parallel_chunks_tid(int nt, int64_t chunks, Fn& fn) {
+    if (nt <= 1 || chunks <= 1 || t_in_pool) {
+        for (int64_t c = 0; c < chunks; ++c) fn(c, 0);
         return;
     }
-    auto job = std::make_shared<Job>();
-    job->call = [](void* ctx, int64_t c) { (*static_cast<Fn*>(ctx))(c); };
-    job->ctx = &fn;
-    job->total = chunks;
-    pool().run(nt, job);
+    Job job;
+    job.call = [](void* ctx, int64_t c, int tid) { (*static_cast<Fn*>(ctx))(c, tid); };
+    job.ctx = &fn;
+    job.total = chunks;
+    if (!pool().run(nt, job))
+        for (int64_t c = 0; c < chunks; ++c) fn(c, 0);
+}
+
+template <class Fn>
+void parallel_chunks(int nt, int64_t chunks, Fn& fn) {
+    auto with_tid = [&](int64_t c, int) { fn(c); };
+    parallel_chunks_tid(nt, chunks, with_tid);
 }
 
 }  // namespace
 
-// Rows [0, N) in contiguous chunks aligned to 16 rows, about 4 per thread, claimed dynamically.
+void parallel_for(int64_t n, int64_t grain, void (*fn)(void* ctx, int64_t begin, int64_t end, int tid),
+                  void* ctx) {
+    if (n <= 0) return;
+    grain = std::max<int64_t>(1, grain);
+    int nt = g_threads.load(std::memory_order_relaxed);
+    nt = (int)std::min<int64_t>(nt, (n + grain - 1) / grain);
+    if (nt <= 1) {
+        fn(ctx, 0, n, 0);
+        return;
+    }
+    // about 4 chunks per thread, claimed dynamically, each at least `grain`
+    const int64_t chunk = std::max(grain, (n + 4 * nt - 1) / (4 * nt));
+    const int64_t chunks = (n + chunk - 1) / chunk;
+    auto body = [&](int64_t c, int tid) { fn(ctx, c * chunk, std::min(n, (c + 1) * chunk), tid); };
+    parallel_chunks_tid(nt, chunks, body);
+}
+
+// Rows [0, N) in contiguous chunks aligned to 16 rows, 2 per thread, claimed dynamically (a thread
+// the OS parks finds the rest taken). Each chunk starts a new DRAM stream whose first KBs miss the
+// prefetchers: 2 per thread measured best for the 700M GEMV shapes at 2 threads (1, 2, 4, 8, 16 per
+// thread: 1536x1536 at 80/78/77/67/59 % of the roofline, 4096x1536 at 83/89/87/83/77 %).
 template <class Fn>
 static void parallel_rows(int64_t N, int64_t work_per_row, Fn fn) {
     const int64_t align = 16;
@@ -272,7 +335,7 @@ static void parallel_rows(int64_t N, int64_t work_per_row, Fn fn) {
         fn(0, N);
         return;
     }
-    const int64_t chunk = ((N + 4 * nt - 1) / (4 * nt) + align - 1) / align * align;
+    const int64_t chunk = ((N + 2 * nt - 1) / (2 * nt) + align - 1) / align * align;
     const int64_t chunks = (N + chunk - 1) / chunk;
     auto body = [&](int64_t c) { fn(c * chunk, std::min(N, (c + 1) * chunk)); };
     parallel_chunks(nt, chunks, body);

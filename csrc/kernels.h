@@ -24,6 +24,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 namespace bitllm {
 
@@ -50,6 +51,20 @@ Isa active_isa();
 // ---- threads (over output rows) ----
 void set_num_threads(int n);  // n >= 1
 int get_num_threads();
+// Runs fn(ctx, begin, end, tid) over [0, n) in dynamically claimed chunks of at least `grain`
+// items on the kernel thread pool (the caller works too, as tid 0; tid < get_num_threads()).
+// Everything native (kernels and engine) uses this one pool, so threads never oversubscribe the
+// cores. Called from inside a chunk it runs inline; a second thread calling while the pool is
+// busy runs its work alone rather than waiting.
+void parallel_for(int64_t n, int64_t grain, void (*fn)(void* ctx, int64_t begin, int64_t end, int tid),
+                  void* ctx);
+template <class F>
+void parallel_for(int64_t n, int64_t grain, F&& f) {
+    using Fn = typename std::remove_reference<F>::type;
+    parallel_for(
+        n, grain, [](void* c, int64_t b, int64_t e, int tid) { (*static_cast<Fn*>(c))(b, e, tid); },
+        const_cast<void*>(static_cast<const void*>(&f)));
+}
 
 // ---- packing ----
 // Weights per block and bytes per block of each format's kernel layout.

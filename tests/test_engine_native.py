@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 ENGINE_SRC = ["engine/engine.cpp", "engine/engine_file.cpp", "engine/simd.cpp", "engine/test_engine_main.cpp",
               "kernels.cpp", "kernels_generic.cpp"]
-COMMON = ["-std=c++17", "-O2", "-ffp-contract=off", "-fopenmp", f"-I{CSRC}", f"-I{CSRC / 'engine'}"]
+COMMON = ["-std=c++17", "-O2", "-ffp-contract=off", "-pthread", f"-I{CSRC}", f"-I{CSRC / 'engine'}"]
 QEMU_LIB = "/usr/aarch64-linux-gnu"
 HAVE_ARM = shutil.which("aarch64-linux-gnu-g++") is not None and shutil.which("qemu-aarch64") is not None
 

@@ -26,7 +26,7 @@ ALL_ISAS = ["generic", "avx2", "avx512", "neon", "neon_dotprod"]
 FORMATS = ["i2", "t1", "b1"]
 
 # (M, N, K): N=1, K=1, K and N off every block size (128, 160, 256), M on both sides of the GEMM
-# switch (M >= 4 decodes each row tile once).
+# switch (M >= 2 decodes each row tile once; 2100 spans several K chunks of the micro-kernel).
 SHAPES = [
     (1, 1, 1),
     (1, 1, 300),
@@ -39,6 +39,9 @@ SHAPES = [
     (5, 33, 1000),
     (1, 70, 1536),
     (9, 65, 1601),
+    (7, 13, 700),
+    (16, 40, 2100),
+    (17, 9, 1100),
     (130, 23, 515),
 ]
 

@@ -7,10 +7,6 @@
 #include <cstring>
 #include <sstream>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "simd.h"
 
 namespace bitllm {
@@ -363,12 +359,9 @@ void Engine::set_linear_tensor(Linear& L, const std::string& what, const std::st
         L.packed.assign((size_t)packed_bytes(cfg_.kernel_format, L.N, L.K), 0);
         // rows are independent: repack in row chunks, one per thread
         const int64_t rb = row_bytes(cfg_.kernel_format, L.K);
-        const int nt = std::max(1, std::min<int>(get_num_threads(), (int)(L.N / 64)));
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int t = 0; t < nt; ++t) {
-            const int64_t n0 = L.N * t / nt, n1 = L.N * (t + 1) / nt;
-            if (n1 > n0) pack(cfg_.kernel_format, w.data() + n0 * L.K, n1 - n0, L.K, L.packed.data() + n0 * rb);
-        }
+        parallel_for(L.N, 64, [&](int64_t n0, int64_t n1, int) {
+            pack(cfg_.kernel_format, w.data() + n0 * L.K, n1 - n0, L.K, L.packed.data() + n0 * rb);
+        });
         L.has_weight = true;
     } else if (what == "scale") {
         const int64_t n = numel(shape);
@@ -620,40 +613,44 @@ int Engine::num_sequences() const {
 // Forward pass: elementwise pieces (fp32, in transformers' op order where it matters)
 // ============================================================================================
 
-static int nthreads() { return get_num_threads(); }
+// Rows per chunk so that a chunk holds at least ~32k elements (below that a thread costs more
+// than it brings).
+static int64_t row_grain(int64_t D) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, D)); }
 
 // HF RMSNorm: w * (x * rsqrt(mean(x^2) + eps))
 static void rmsnorm(const float* x, const float* w, float eps, int64_t M, int64_t D, float* out) {
-#pragma omp parallel for num_threads(nthreads()) if (M * D > 32768)
-    for (int64_t m = 0; m < M; ++m) {
-        const float* xr = x + m * D;
-        float* o = out + m * D;
-        double ss = 0;
-        for (int64_t d = 0; d < D; ++d) ss += (double)xr[d] * xr[d];
-        const float r = 1.0f / std::sqrt((float)(ss / D) + eps);
-        for (int64_t d = 0; d < D; ++d) o[d] = w[d] * (xr[d] * r);
-    }
+    parallel_for(M, row_grain(D), [&](int64_t m0, int64_t m1, int) {
+        for (int64_t m = m0; m < m1; ++m) {
+            const float* xr = x + m * D;
+            float* o = out + m * D;
+            double ss = 0;
+            for (int64_t d = 0; d < D; ++d) ss += (double)xr[d] * xr[d];
+            const float r = 1.0f / std::sqrt((float)(ss / D) + eps);
+            for (int64_t d = 0; d < D; ++d) o[d] = w[d] * (xr[d] * r);
+        }
+    });
 }
 
 // torch LayerNorm: (x - mean) / sqrt(var + eps) * w + b (biased variance); w, b may be null
 static void layernorm(const float* x, const float* w, const float* b, float eps, int64_t M, int64_t D, float* out) {
-#pragma omp parallel for num_threads(nthreads()) if (M * D > 32768)
-    for (int64_t m = 0; m < M; ++m) {
-        const float* xr = x + m * D;
-        float* o = out + m * D;
-        double s = 0, ss = 0;
-        for (int64_t d = 0; d < D; ++d) s += xr[d];
-        const double mean = s / D;
-        for (int64_t d = 0; d < D; ++d) ss += (xr[d] - mean) * (xr[d] - mean);
-        const float rstd = 1.0f / std::sqrt((float)(ss / D) + eps);
-        const float mf = (float)mean;
-        for (int64_t d = 0; d < D; ++d) {
-            float y = (xr[d] - mf) * rstd;
-            if (w) y = y * w[d];
-            if (b) y = y + b[d];
-            o[d] = y;
+    parallel_for(M, row_grain(D), [&](int64_t m0, int64_t m1, int) {
+        for (int64_t m = m0; m < m1; ++m) {
+            const float* xr = x + m * D;
+            float* o = out + m * D;
+            double s = 0, ss = 0;
+            for (int64_t d = 0; d < D; ++d) s += xr[d];
+            const double mean = s / D;
+            for (int64_t d = 0; d < D; ++d) ss += (xr[d] - mean) * (xr[d] - mean);
+            const float rstd = 1.0f / std::sqrt((float)(ss / D) + eps);
+            const float mf = (float)mean;
+            for (int64_t d = 0; d < D; ++d) {
+                float y = (xr[d] - mf) * rstd;
+                if (w) y = y * w[d];
+                if (b) y = y + b[d];
+                o[d] = y;
+            }
         }
-    }
+    });
 }
 
 static inline float act_fn(Act a, float x) {
@@ -735,34 +732,33 @@ void Engine::attention(const int* ids, int n, const int64_t* offsets, const std:
         for (int64_t r = offsets[i]; r < offsets[i + 1]; ++r) row_seq[(size_t)r] = i;
     int64_t maxlen = 0;
     for (int i = 0; i < n; ++i) maxlen = std::max(maxlen, pos0[(size_t)i] + offsets[i + 1] - offsets[i]);
-    const int nt = nthreads();
+    const int nt = get_num_threads();
     float* scores_all = grow(scores_, (int64_t)nt * maxlen);
     const int64_t work = M * nh;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (work * maxlen * hd > 65536)
-    for (int64_t t = 0; t < work; ++t) {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
-        const int64_t r = t / nh, h = t % nh;
-        const int i = (int)row_seq[(size_t)r];
-        const Sequence& s = *seqs_[(size_t)ids[i]];
-        const int64_t p = pos0[(size_t)i] + (r - offsets[i]);  // absolute position of row r
-        const float* q = qb_.data() + r * nh * hd + h * hd;
-        const float* K = s.k.data() + l * s.cap * kvd + (h / group) * hd;
-        const float* V = s.v.data() + l * s.cap * kvd + (h / group) * hd;
-        float* sc = scores_all + (int64_t)tid * maxlen;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j <= p; ++j) {
-            sc[j] = dot_f32(q, K + j * kvd, hd) * scale;
-            mx = std::max(mx, sc[j]);
+    // one (row, head) item costs ~maxlen*hd; chunks of at least ~64k of that
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, maxlen * hd));
+    parallel_for(work, grain, [&](int64_t t0, int64_t t1, int tid) {
+        for (int64_t t = t0; t < t1; ++t) {
+            const int64_t r = t / nh, h = t % nh;
+            const int i = (int)row_seq[(size_t)r];
+            const Sequence& s = *seqs_[(size_t)ids[i]];
+            const int64_t p = pos0[(size_t)i] + (r - offsets[i]);  // absolute position of row r
+            const float* q = qb_.data() + r * nh * hd + h * hd;
+            const float* K = s.k.data() + l * s.cap * kvd + (h / group) * hd;
+            const float* V = s.v.data() + l * s.cap * kvd + (h / group) * hd;
+            float* sc = scores_all + (int64_t)tid * maxlen;
+            float mx = -INFINITY;
+            for (int64_t j = 0; j <= p; ++j) {
+                sc[j] = dot_f32(q, K + j * kvd, hd) * scale;
+                mx = std::max(mx, sc[j]);
+            }
+            float sum = 0.f;
+            for (int64_t j = 0; j <= p; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
+            const float inv = 1.0f / sum;
+            for (int64_t j = 0; j <= p; ++j) sc[j] *= inv;
+            weighted_sum(sc, V, kvd, p + 1, hd, ab_.data() + r * nh * hd + h * hd);
         }
-        float sum = 0.f;
-        for (int64_t j = 0; j <= p; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j <= p; ++j) sc[j] *= inv;
-        weighted_sum(sc, V, kvd, p + 1, hd, ab_.data() + r * nh * hd + h * hd);
-    }
+    });
 }
 
 // logits[i] = head · x[rows[i]] (+ bias), parallel over the vocabulary so each head row is read once.
@@ -770,15 +766,16 @@ void Engine::head(const float* x, const int64_t* rows, int64_t nr, float* logits
     const int64_t V = cfg_.vocab, H = cfg_.hidden;
     const uint16_t* w16 = cfg_.tied ? embed_.data() : head16_.data();
     const bool i8 = cfg_.head == HeadMode::I8;
-#pragma omp parallel for num_threads(nthreads()) schedule(static)
-    for (int64_t v = 0; v < V; ++v) {
-        for (int64_t i = 0; i < nr; ++i) {
-            const float* xr = x + rows[i] * H;
-            float y = i8 ? dot_i8(head8_.data() + v * H, xr, H) * head8_scale_[v] : dot_f16(w16 + v * H, xr, H);
-            if (!head_bias_.empty()) y += head_bias_[v];
-            logits[i * V + v] = y;
+    parallel_for(V, 256, [&](int64_t v0, int64_t v1, int) {
+        for (int64_t v = v0; v < v1; ++v) {
+            for (int64_t i = 0; i < nr; ++i) {
+                const float* xr = x + rows[i] * H;
+                float y = i8 ? dot_i8(head8_.data() + v * H, xr, H) * head8_scale_[v] : dot_f16(w16 + v * H, xr, H);
+                if (!head_bias_.empty()) y += head_bias_[v];
+                logits[i * V + v] = y;
+            }
         }
-    }
+    });
 }
 
 // ============================================================================================
@@ -875,8 +872,9 @@ void Engine::forward(const int* ids, int n, const int32_t* tokens, const int64_t
         // ---- MLP ----
         if (phi) {  // parallel: x = (attn + mlp(h)) + x
             linear(Ly.up, h, M, f1);
-#pragma omp parallel for num_threads(nthreads()) if (M * F > 65536)
-            for (int64_t i = 0; i < M * F; ++i) f1[i] = act_fn(cfg_.act, f1[i]);
+            parallel_for(M * F, 65536, [&](int64_t i0, int64_t i1, int) {
+                for (int64_t i = i0; i < i1; ++i) f1[i] = act_fn(cfg_.act, f1[i]);
+            });
             linear(Ly.down, f1, M, f2);
             for (int64_t i = 0; i < M * H; ++i) x[i] = (ob[i] + f2[i]) + x[i];
         } else {
@@ -885,16 +883,18 @@ void Engine::forward(const int* ids, int n, const int32_t* tokens, const int64_t
             if (Ly.fused_gate_up) {
                 float* z = grow(fz_, M * 2 * F);  // (M, gate F | up F)
                 linear(Ly.gate_up, h, M, z);
-#pragma omp parallel for num_threads(nthreads()) if (M * F > 65536)
-                for (int64_t i = 0; i < M * F; ++i) {
-                    const int64_t r = i / F, c = i % F;
-                    f1[i] = act_fn(cfg_.act, z[r * 2 * F + c]) * z[r * 2 * F + F + c];
-                }
+                parallel_for(M * F, 65536, [&](int64_t i0, int64_t i1, int) {
+                    for (int64_t i = i0; i < i1; ++i) {
+                        const int64_t r = i / F, c = i % F;
+                        f1[i] = act_fn(cfg_.act, z[r * 2 * F + c]) * z[r * 2 * F + F + c];
+                    }
+                });
             } else {
                 linear(Ly.gate, h, M, f1);
                 linear(Ly.up, h, M, f2);
-#pragma omp parallel for num_threads(nthreads()) if (M * F > 65536)
-                for (int64_t i = 0; i < M * F; ++i) f1[i] = act_fn(cfg_.act, f1[i]) * f2[i];
+                parallel_for(M * F, 65536, [&](int64_t i0, int64_t i1, int) {
+                    for (int64_t i = i0; i < i1; ++i) f1[i] = act_fn(cfg_.act, f1[i]) * f2[i];
+                });
             }
             if (bitnet) rmsnorm(f1, Ly.ffn_sub_norm.w.data(), cfg_.norm_eps, M, F, f1);
             linear(Ly.down, f1, M, ob);

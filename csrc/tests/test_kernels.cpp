@@ -152,11 +152,14 @@ int main() {
         test_pack_roundtrip(f, 1, 1);
         test_pack_roundtrip(f, 13, 333);
         const int64_t fixed[][3] = {{1, 1, 1}, {1, 1, 5}, {4, 3, 1}, {1, 5, 127}, {2, 7, 129}, {5, 9, 161},
-                                    {1, 17, 255}, {6, 4, 257}, {3, 21, 320}, {1, 33, 1000}};
+                                    {1, 17, 255}, {6, 4, 257}, {3, 21, 320}, {1, 33, 1000},
+                                    {16, 19, 700}, {17, 18, 1100}, {33, 5, 600}};
         for (const auto& s : fixed) test_shape(f, s[0], s[1], s[2], false);
         for (int t = 0; t < 12; ++t) test_shape(f, dm(rng), dn(rng), dk(rng), false);
         test_shape(f, 1, 5, 16384, true);  // int16/int32 headroom at the largest K
-        test_shape(f, 4, 3, 16383, true);  // GEMM path, odd K
+        test_shape(f, 4, 3, 16383, true);   // 4-row GEMV path, odd K
+        test_shape(f, 11, 3, 16383, true);  // grouped path (5..16 rows)
+        test_shape(f, 18, 3, 16383, true);  // code-tile GEMM (> 16 rows)
     }
     // The thread pool: 1, 2 and 3 threads give identical outputs; the bandwidth probe runs.
     for (int fi = 0; fi < kNumFormats; ++fi) {
