@@ -238,3 +238,14 @@ def test_gguf_teacher_is_loaded_dequantized(teacher, monkeypatch, tmp_path):
     build_student(model, OneBitConfig())  # builds from the now-dense teacher
     with pytest.raises(bitllm.BitLLMError, match="not a .gguf"):
         load_teacher(str(tdir / "config.json"))
+
+
+def test_teacher_dtype_auto_resolves(monkeypatch):
+    from bitllm.convert import student
+
+    assert student.resolve_teacher_dtype("fp16") == "fp16"
+    monkeypatch.setattr(student.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(student, "cpu_has_native_bf16", lambda: False)
+    assert student.resolve_teacher_dtype("auto") == "fp32"  # the scalar-bf16 fallback is avoided on such CPUs
+    monkeypatch.setattr(student, "cpu_has_native_bf16", lambda: True)
+    assert student.resolve_teacher_dtype("auto") == "bf16"

@@ -83,7 +83,8 @@ def convert(
     kd_beta: float = typer.Option(1.0, help="β: weight of the normalised hidden-state MSE (0 = off)."),
     lambda_warmup: Optional[int] = typer.Option(None, help="qat: steps for λ to rise linearly 0→1 (default min(1000, steps/5))."),
     freeze_embeddings: bool = typer.Option(False, help="Keep the token embeddings (and a tied lm_head) frozen."),
-    teacher_dtype: str = typer.Option("bf16", help="bf16 | fp16 | fp32 (the student is always fp32 latent weights)."),
+    teacher_dtype: str = typer.Option("auto", help="auto (bf16 on a GPU or a CPU with native bf16, else fp32) | bf16 | "
+                                      "fp16 | fp32 (the student is always fp32 latent weights)."),
     save_every: int = typer.Option(200, help="Atomic checkpoint every N steps (and at the end)."),
     resume: bool = typer.Option(False, help="Continue bit-exactly from OUTPUT/checkpoint if it exists."),
     overwrite: bool = typer.Option(False, help="Start again over an existing run in OUTPUT."),

@@ -18,7 +18,7 @@ from bitllm.errors import BitLLMError
 METHODS = ("onebit", "qat")
 PACK_FORMAT = {"onebit": "b1", "qat": "i2"}  # checkpoint format of the converted model
 DEFAULT_LR = {"onebit": 4e-4, "qat": 1e-4}  # OneBit LLaMA-7B; HF blog's Llama-3-8B run
-TEACHER_DTYPES = ("bf16", "fp16", "fp32")
+TEACHER_DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -55,7 +55,7 @@ class ConvertConfig:
     lambda_warmup: int | None = None  # qat: λ reaches 1 after this many steps; None: min(1000, steps // 5)
     input_norm: bool = False  # qat: RMSNorm inside each BitLinear (changes the fp function; off by default)
     freeze_embeddings: bool = False  # keep token embeddings (and a tied lm_head) at the teacher's values
-    teacher_dtype: str = "bf16"
+    teacher_dtype: str = "auto"  # auto: bf16 on a GPU or a CPU with native bf16, else fp32
     teacher_samples_temperature: float = 1.0
     save_every: int = 200
     seed: int = 0

@@ -24,7 +24,7 @@ from torch import nn
 from bitllm.convert.config import PACK_FORMAT, ConvertConfig, lambda_at, lr_at
 from bitllm.convert.data import conversion_data
 from bitllm.convert.losses import distill_loss
-from bitllm.convert.student import build_student, load_teacher
+from bitllm.convert.student import build_student, load_teacher, resolve_teacher_dtype
 from bitllm.errors import BitLLMError
 from bitllm.formats.atomic import atomic_write_bytes
 from bitllm.train.data import batch_indices, eval_windows
@@ -257,7 +257,7 @@ def _finish(student: nn.Module, teacher: nn.Module, tokenizer, data, cfg: Conver
         "tokens_seen": state["step"] * cfg.batch_size * cfg.seq_len, "train_blocks": int(data.train.shape[0]),
         "processes": processes, "trainable_params": params,
         "teacher_ppl": state["teacher_ppl"], "student_ppl": student_ppl,
-        "teacher_dtype": cfg.teacher_dtype,
+        "teacher_dtype": resolve_teacher_dtype(cfg.teacher_dtype),
         **_teacher_bytes(cfg.teacher, teacher),
         "student_bytes": _dir_bytes(model_dir),
         "init_s": state["init_s"], "step_time_s": step_time,

@@ -19,14 +19,32 @@ from bitllm.quant.config import QuantConfig
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def load_teacher(spec: str, dtype: str = "bf16"):
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPUs on which PyTorch's bf16 matmul is not a slow emulation."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+def resolve_teacher_dtype(dtype: str) -> str:
+    """`auto` -> bf16 on a GPU or a CPU with native bf16, fp32 elsewhere. On a CPU without it (Zen 3,
+    most laptops) PyTorch runs bf16 matmuls through a scalar fallback: the gemma-3-270m teacher's
+    forward took minutes per batch in bf16 against seconds in fp32."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "fp32"
+
+
+def load_teacher(spec: str, dtype: str = "auto"):
     """(model, tokenizer) of `spec`: a local directory, a hub id (through resolve_model_dir), or a .gguf file
     (transformers dequantizes it; needs the `gguf` package). The model is in eval mode with no gradients."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bitllm.formats.checkpoint import resolve_model_dir
 
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = DTYPES[resolve_teacher_dtype(dtype)]
     p = Path(spec).expanduser()
     if p.is_file():
         if p.suffix.lower() != ".gguf":
