@@ -79,16 +79,27 @@ inline __m256i t1_block_dot(__m256i v, const int8_t* q) {
 }
 
 // B1 block (256 weights): 8 bit planes, c = (byte >> i) & 1 (1 = weight -1). Returns Σ c·q.
+// Planes come from the two nibbles through pshufb tables (bit i of the nibble): 3 ops for the
+// nibbles + 1 per plane, instead of a shift and an AND per plane (15 -> 11 decode ops per block).
 inline __m256i b1_block_dot(__m256i v, const int8_t* q) {
-    const __m256i one = _mm256_set1_epi8(1);
-    __m256i s = _mm256_maddubs_epi16(_mm256_and_si256(v, one), load(q));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 1), one), load(q + 32)));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 2), one), load(q + 64)));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 3), one), load(q + 96)));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), one), load(q + 128)));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 5), one), load(q + 160)));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), one), load(q + 192)));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 7), one), load(q + 224)));
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i bit0 = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                          0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1);
+    const __m256i bit1 = _mm256_setr_epi8(0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1,
+                                          0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1);
+    const __m256i bit2 = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1,
+                                          0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+    const __m256i bit3 = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    __m256i s = _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit0, lo), load(q));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit1, lo), load(q + 32)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit2, lo), load(q + 64)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit3, lo), load(q + 96)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit0, hi), load(q + 128)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit1, hi), load(q + 160)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit2, hi), load(q + 192)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit3, hi), load(q + 224)));
     return s;
 }
 
