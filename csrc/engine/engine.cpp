@@ -766,9 +766,22 @@ void Engine::head(const float* x, const int64_t* rows, int64_t nr, float* logits
     const int64_t V = cfg_.vocab, H = cfg_.hidden;
     const uint16_t* w16 = cfg_.tied ? embed_.data() : head16_.data();
     const bool i8 = cfg_.head == HeadMode::I8;
+    bool contiguous = true;  // the forward pass passes rows 0..nr-1: 4 of them at once then
+    for (int64_t i = 1; i < nr; ++i) contiguous = contiguous && rows[i] == rows[0] + i;
     parallel_for(V, 256, [&](int64_t v0, int64_t v1, int) {
         for (int64_t v = v0; v < v1; ++v) {
-            for (int64_t i = 0; i < nr; ++i) {
+            int64_t i = 0;
+            for (; contiguous && i + 4 <= nr; i += 4) {
+                float y[4];
+                if (i8) dot4_i8(head8_.data() + v * H, x + rows[i] * H, H, H, y);
+                else dot4_f16(w16 + v * H, x + rows[i] * H, H, H, y);
+                for (int j = 0; j < 4; ++j) {
+                    float t = i8 ? y[j] * head8_scale_[v] : y[j];
+                    if (!head_bias_.empty()) t += head_bias_[v];
+                    logits[(i + j) * V + v] = t;
+                }
+            }
+            for (; i < nr; ++i) {
                 const float* xr = x + rows[i] * H;
                 float y = i8 ? dot_i8(head8_.data() + v * H, xr, H) * head8_scale_[v] : dot_f16(w16 + v * H, xr, H);
                 if (!head_bias_.empty()) y += head_bias_[v];

@@ -63,6 +63,13 @@ static float dot_i8_portable(const int8_t* w, const float* x, int64_t n) {
     return s;
 }
 
+static void dot4_f16_portable(const uint16_t* w, const float* x, int64_t ldx, int64_t n, float* out) {
+    for (int i = 0; i < 4; ++i) out[i] = dot_f16_portable(w, x + i * ldx, n);
+}
+static void dot4_i8_portable(const int8_t* w, const float* x, int64_t ldx, int64_t n, float* out) {
+    for (int i = 0; i < 4; ++i) out[i] = dot_i8_portable(w, x + i * ldx, n);
+}
+
 static void axpy_portable(float a, const float* x, float* y, int64_t n) {
     for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
 }
@@ -133,6 +140,46 @@ AVX2_FN static float dot_i8_avx2(const int8_t* w, const float* x, int64_t n) {
     float s = hsum256(_mm256_add_ps(s0, s1));
     for (; k < n; ++k) s += (float)w[k] * x[k];
     return s;
+}
+
+// The per-row order of dot_f16_avx2 / dot_i8_avx2 (s0: k mod 16 < 8, s1: the rest, then the tail),
+// for 4 rows at once.
+template <class Load>
+AVX2_FN static inline void dot4_avx2(Load wv, const float* x, int64_t ldx, int64_t n, int64_t n16, int64_t n8,
+                                     float* out) {
+    __m256 s0[4], s1[4];
+    for (int i = 0; i < 4; ++i) s0[i] = s1[i] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k < n16; k += 16) {
+        const __m256 w0 = wv(k), w1 = wv(k + 8);
+        for (int i = 0; i < 4; ++i) {
+            s0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i * ldx + k), s0[i]);
+            s1[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i * ldx + k + 8), s1[i]);
+        }
+    }
+    for (; k < n8; k += 8) {
+        const __m256 w0 = wv(k);
+        for (int i = 0; i < 4; ++i) s0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i * ldx + k), s0[i]);
+    }
+    for (int i = 0; i < 4; ++i) out[i] = hsum256(_mm256_add_ps(s0[i], s1[i]));
+}
+
+AVX2_FN static void dot4_f16_avx2(const uint16_t* w, const float* x, int64_t ldx, int64_t n, float* out) {
+    const int64_t n16 = n / 16 * 16, n8 = n / 8 * 8;
+    dot4_avx2([w](int64_t k) AVX2_FN { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + k))); }, x, ldx, n,
+              n16, n8, out);
+    for (int64_t k = n8; k < n; ++k)
+        for (int i = 0; i < 4; ++i) out[i] += half_to_float(w[k]) * x[i * ldx + k];
+}
+
+AVX2_FN static void dot4_i8_avx2(const int8_t* w, const float* x, int64_t ldx, int64_t n, float* out) {
+    // dot_i8_avx2 has no 8-wide tail loop: n8 = n16
+    const int64_t n16 = n / 16 * 16;
+    dot4_avx2([w](int64_t k) AVX2_FN {
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k))));
+    }, x, ldx, n, n16, n16, out);
+    for (int64_t k = n16; k < n; ++k)
+        for (int i = 0; i < 4; ++i) out[i] += (float)w[k] * x[i * ldx + k];
 }
 
 AVX2_FN static void axpy_avx2(float a, const float* x, float* y, int64_t n) {
@@ -207,6 +254,8 @@ static bool has_avx2() {
 float dot_f32(const float* a, const float* b, int64_t n) { DISPATCH(dot_f32, a, b, n); }
 float dot_f16(const uint16_t* w, const float* x, int64_t n) { DISPATCH(dot_f16, w, x, n); }
 float dot_i8(const int8_t* w, const float* x, int64_t n) { DISPATCH(dot_i8, w, x, n); }
+void dot4_f16(const uint16_t* w, const float* x, int64_t ldx, int64_t n, float* out) { DISPATCH(dot4_f16, w, x, ldx, n, out); }
+void dot4_i8(const int8_t* w, const float* x, int64_t ldx, int64_t n, float* out) { DISPATCH(dot4_i8, w, x, ldx, n, out); }
 void axpy(float a, const float* x, float* y, int64_t n) { DISPATCH(axpy, a, x, y, n); }
 void f16_to_f32(const uint16_t* w, float* out, int64_t n) { DISPATCH(f16_to_f32, w, out, n); }
 void weighted_sum(const float* p, const float* V, int64_t stride, int64_t n, int64_t hd, float* out) {

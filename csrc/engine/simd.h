@@ -14,6 +14,11 @@ float dot_f32(const float* a, const float* b, int64_t n);
 float dot_f16(const uint16_t* w, const float* x, int64_t n);
 // Σ_k w[k]·x[k], w int8
 float dot_i8(const int8_t* w, const float* x, int64_t n);
+// out[i] = dot_f16(w, x + i·ldx, n) / dot_i8(w, x + i·ldx, n) for i < 4, bit-identical to four
+// calls (same per-row summation order) but each weight vector is converted once for the 4 rows
+// and 8 independent FMA chains keep both FMA pipes busy: the batched LM head.
+void dot4_f16(const uint16_t* w, const float* x, int64_t ldx, int64_t n, float* out);
+void dot4_i8(const int8_t* w, const float* x, int64_t ldx, int64_t n, float* out);
 // y[k] += a·x[k]
 void axpy(float a, const float* x, float* y, int64_t n);
 // out[d] = Σ_j p[j]·V[j·stride + d] for d < hd (attention's weighted sum of values)
