@@ -328,11 +328,23 @@ void a8_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const fl
         default: break;
     }
     if (a.M > 16) return gemm_tiles(F, w, a, wscale, bias, out, n0, n1);
-    // 5 <= M <= 16: row by row, the row's blocks decoded in registers for groups of <= 4 activation
-    // rows (the row stays in L1 between groups). Hot-cache Zen 3, 1 thread, 1536x4096: M = 8 at
-    // 95 G weight-rows/s vs 71 for the code tiles; M = 16 about equal (85-92); M = 64 tiles win.
+    // 5 <= M <= 16: two rows (or one) at a time, their blocks decoded in registers for groups of <= 4
+    // activation rows (the rows stay in L1 between groups). Hot-cache Zen 3, 1 thread, 1536x4096:
+    // M = 8 at 103 G weight-rows/s and M = 16 at 105 with 2 rows x 4 (one row x 4: 95 and 85-92; the
+    // code tiles: 71 and 85-92); from M = 64 on the code tiles win.
     const int64_t groups = (a.M + 3) / 4, base = a.M / groups, extra = a.M % groups;
-    for (int64_t n = n0; n < n1; ++n) {
+    int64_t n = n0;
+    if (a.M % 4 == 0)
+        for (; n + 2 <= n1; n += 2)
+            for (int64_t m = 0; m < a.M; m += 4) {
+                int32_t res[2][4];
+                gemv_rows<F, 2, 4>(w, a.q + m * a.ldq, a.ldq, n, res);
+                for (int r = 0; r < 2; ++r)
+                    for (int j = 0; j < 4; ++j)
+                        out[(m + j) * w.N + n + r] = a8_epilogue(Fmt<F>::finish(res[r][j], a.qsum[m + j]),
+                                                                 a.xscale[m + j], wscale[n + r], bias, n + r);
+            }
+    for (; n < n1; ++n) {
         for (int64_t g = 0, m = 0; g < groups; ++g) {
             const int mb = (int)(base + (g < extra));
             int32_t res[4];
