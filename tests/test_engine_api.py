@@ -172,8 +172,17 @@ def test_fallback_runs_through_transformers(tmp_path, capfd, family):
     with kernel_mode("native"):
         toks, _ = hf_greedy(from_pretrained(d), [1, 5, 9], 6)
     assert out.token_ids == toks
-    (lp, _), = llm.loglikelihood([([1, 5, 9], toks[:2])])
-    assert np.isfinite(lp)
+    # scoring runs the LM head only over the continuation's rows (logits_to_keep): same numbers as
+    # the full logits of the same model
+    pairs = [([1, 5, 9], toks[:2]), ([1, 7], [3, 4, 5, 6])]
+    got = llm.loglikelihood(pairs, max_batch_tokens=6)
+    with kernel_mode("native"), torch.inference_mode():
+        ref = from_pretrained(d)
+        for (ctx, cont), (lp, greedy) in zip(pairs, got):
+            logits = ref(torch.tensor([ctx + cont])).logits[0].double()
+            want = torch.log_softmax(logits, -1)[len(ctx) - 1: -1][torch.arange(len(cont)), torch.tensor(cont)].sum()
+            assert lp == pytest.approx(float(want), abs=1e-4)
+            assert greedy == bool((logits[len(ctx) - 1: -1].argmax(-1) == torch.tensor(cont)).all())
     with pytest.raises(UnsupportedModelError, match="model_type"):
         LLM(d, backend="native")
 

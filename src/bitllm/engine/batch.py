@@ -23,7 +23,10 @@ class Backend(Protocol):
 
     def open(self, capacity: int) -> int: ...
     def close(self, slot: int) -> None: ...
-    def forward(self, slots: Seq[int], tokens: Seq[Seq[int]], all_logits: bool = False) -> np.ndarray: ...
+    def forward(self, slots: Seq[int], tokens: Seq[Seq[int]], all_logits: bool = False,
+                last: Seq[int] | None = None) -> np.ndarray:
+        """Logits (rows, vocab): the last row of each sequence, or with all_logits every row — or,
+        with `last`, the last last[i] rows of sequence i (the head then need not run on the rest)."""
 
 
 @dataclass

@@ -51,7 +51,8 @@ class NativeBackend:
         with self._lock:
             self.engine.remove_sequence(slot)
 
-    def forward(self, slots: Seq[int], tokens: Seq[Seq[int]], all_logits: bool = False) -> np.ndarray:
+    def forward(self, slots: Seq[int], tokens: Seq[Seq[int]], all_logits: bool = False,
+                last: Seq[int] | None = None) -> np.ndarray:
         from bitllm import _engine
 
         lens = [len(t) for t in tokens]
@@ -64,6 +65,8 @@ class NativeBackend:
                 self.engine.forward(np.asarray(slots, dtype=np.int32), flat, offsets, all_logits, out)
         except _engine.EngineError as e:
             raise BitLLMError(str(e)) from None
+        if last is not None and all_logits:  # the engine's head runs over every row; keep the asked ones
+            out = np.concatenate([out[offsets[i + 1] - n: offsets[i + 1]] for i, n in enumerate(last)])
         return out
 
 
@@ -89,14 +92,18 @@ class HFBackend:
         self._caches.pop(slot, None)
 
     @torch.inference_mode()
-    def forward(self, slots: Seq[int], tokens: Seq[Seq[int]], all_logits: bool = False) -> np.ndarray:
+    def forward(self, slots: Seq[int], tokens: Seq[Seq[int]], all_logits: bool = False,
+                last: Seq[int] | None = None) -> np.ndarray:
         rows = []
-        for slot, toks in zip(slots, tokens):
+        for i, (slot, toks) in enumerate(zip(slots, tokens)):
             cache = self._caches[slot]
             past = 0 if cache is None else cache.get_seq_length()
             ids = torch.tensor([list(toks)], dtype=torch.long)
             pos = torch.arange(past, past + len(toks)).unsqueeze(0)
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=pos)
+            # the LM head only over the rows asked for: with a 262k vocabulary it is most of the work
+            keep = int(last[i]) if (all_logits and last is not None) else (0 if all_logits else 1)
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=pos,
+                             logits_to_keep=keep)
             self._caches[slot] = out.past_key_values
             lg = out.logits[0].float()
             rows.append(lg if all_logits else lg[-1:])
@@ -344,20 +351,22 @@ class LLM:
                 j += 1
             chunk = pairs[i:j]
             slots = [self.backend.open(len(t)) for t, _ in chunk]
+            # rows n_ctx-1 .. len-1 of each sequence: the last len-n_ctx+1 (the final one is unused)
+            last = [len(t) - n_ctx + 1 for t, n_ctx in chunk]
             try:
-                logits = self.backend.forward(slots, [t for t, _ in chunk], all_logits=True)  # (total, vocab)
+                logits = self.backend.forward(slots, [t for t, _ in chunk], all_logits=True, last=last)
             finally:
                 for s in slots:
                     self.backend.close(s)
             row = 0
             for k, (toks, n_ctx) in enumerate(chunk):
-                lg = logits[row + n_ctx - 1: row + len(toks) - 1].astype(np.float64)  # predicts toks[n_ctx:]
+                lg = logits[row: row + last[k] - 1].astype(np.float64)  # predicts toks[n_ctx:]
                 target = np.asarray(toks[n_ctx:])
                 m = lg.max(axis=1, keepdims=True)
                 logp = lg - m - np.log(np.exp(lg - m).sum(axis=1, keepdims=True))
                 results[i + k] = (float(logp[np.arange(len(target)), target].sum()),
                                   bool((lg.argmax(axis=1) == target).all()))
-                row += len(toks)
+                row += last[k]
             i = j
         return results
 
