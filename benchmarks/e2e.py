@@ -8,6 +8,7 @@ PyTorch fp32 / bf16 HF models of the same shape.
     python benchmarks/e2e.py --quick         # a small shape, to check the script
     python benchmarks/e2e.py --llamacpp      # + llama.cpp TQ2_0 / TQ1_0 rows on GGUFs exported from the same weights
     python benchmarks/e2e.py --gguf m.gguf   # + llama.cpp on any GGUF
+    python benchmarks/e2e.py --shape 3b256 --llamacpp --no-torch --variants llama-i2-i8   # the 3B twin
 
 Random weights do not change the speed of these formats. Checkpoints are written packed, directly
 (no fp32 model is ever built for the bitllm rows). The Llama layout is SiLU-gated (what llama.cpp
@@ -33,6 +34,8 @@ from common import fmt_table, loadavg, machine_line, roofline_gbs, write_results
 
 SHAPES = {
     "700m": dict(hidden=1536, ffn=4096, layers=24, heads=16, vocab=32000),
+    "3b": dict(hidden=3200, ffn=8640, layers=26, heads=32, vocab=32000),  # the paper's 3B: not 256-aligned
+    "3b256": dict(hidden=3328, ffn=8704, layers=26, heads=32, vocab=32000),  # its 256-aligned twin (llama.cpp TQ)
     "quick": dict(hidden=256, ffn=768, layers=4, heads=4, vocab=32000),
 }
 
@@ -253,6 +256,8 @@ def measure_rss(directory: Path, head: str, kv_positions: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shape, 2 reps, no torch bf16")
+    ap.add_argument("--shape", default="700m", choices=sorted(SHAPES),
+                    help="700m | 3b (3200/8640/26: not 256-aligned, so no llama.cpp TQ rows) | 3b256 (3328/8704/26)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--pp", type=int, default=128)
@@ -274,7 +279,12 @@ def main() -> None:
         return child_rss(a.child_rss, a.head, a.kv)
     from bitllm import _engine
 
-    shape = SHAPES["quick" if a.quick else "700m"]
+    shape_name = "quick" if a.quick else a.shape
+    shape = SHAPES[shape_name]
+    if a.llamacpp and shape["hidden"] % 256:
+        print(f"--llamacpp: hidden {shape['hidden']} is not a multiple of 256, which llama.cpp's TQ1_0/TQ2_0 need; "
+              "use --shape 3b256 for the llama.cpp comparison")
+        a.llamacpp = False
     reps = 2 if a.quick else a.reps
     threads = [int(t) for t in a.threads.split(",")]
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bitllm-e2e-"))
@@ -286,10 +296,11 @@ def main() -> None:
           f"pp{a.pp} / tg{a.tg}, median and min of {reps} reps after a warm-up")
 
     dirs = {}
-    for layout in ("llama", "bitnet"):
+    for layout in sorted({v.split("-")[0] for v in a.variants.split(",") if v} | ({"llama"} if a.llamacpp else set())):
         t0 = time.perf_counter()
         cfg_file = work / layout / "config.json"
         if cfg_file.exists() and json.loads(cfg_file.read_text())["hidden_size"] == shape["hidden"] and \
+                json.loads(cfg_file.read_text())["num_hidden_layers"] == shape["layers"] and \
                 (work / layout / "tokenizer.json").exists():
             dirs[layout] = work / layout  # reuse (same seed, same shape)
             verb = "reused"
@@ -357,7 +368,7 @@ def main() -> None:
         print("llama.cpp TQ2_0 / TQ1_0 rows: pass --llamacpp (needs llama-cpp-python) or --gguf; BENCH.md anchor on a "
               "Zen 3 at 2 threads: TQ2_0 58-68 tok/s decode.")
     print("MiB/token: linear weights + LM head streamed per decoded token (llama.cpp rows: GGUF size minus the f16 embedding).")
-    path = write_results("e2e" + ("-quick" if a.quick else ""), {"machine": machine_line(_engine.active_isa(), max(threads)),
+    path = write_results("e2e" + ("" if shape_name == "700m" else f"-{shape_name}"), {"machine": machine_line(_engine.active_isa(), max(threads)),
                                                                  "roofline_gbs": roof, "shape": shape, "results": results})
     print(f"wrote {path}")
 
