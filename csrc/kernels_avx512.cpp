@@ -142,8 +142,10 @@ inline void gemv_rows(const PackedView& w, const int8_t* q, int64_t n, int32_t* 
         rows[r] = w.data + (n + r) * w.row_bytes;
         acc[r] = _mm512_setzero_si512();
     }
-    // Software prefetch of the next row tile (4 KB ahead; R rows are contiguous and short).
-    const char* pf = (const char*)(w.data + n * w.row_bytes) + 4096;
+    // Software prefetch at least one whole tile of R rows ahead (the range walks [pf, pf + R*row_bytes)
+    // at the pace the tile is consumed; a shorter distance leaves part of each long-row tile
+    // unprefetched — see kernels_avx2.cpp).
+    const char* pf = (const char*)(w.data + n * w.row_bytes) + std::max<int64_t>(4096, R * w.row_bytes);
     const int64_t pf_end = R * w.row_bytes;
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
