@@ -4,12 +4,14 @@
 // tests/test_kernels_native.py under ASan+UBSan on x86 and under qemu-aarch64 for NEON.
 // Exit status 0 = all passed. Prints one line per variant: "isa <name>: ran|skipped (...)".
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "kernels.h"
@@ -180,6 +182,40 @@ int main() {
                 CHECK(o1 == o2, "threads=%d changed gemm_f32 %s", nt, format_name(f));
             }
         }
+    }
+    // Two caller threads at once (the pool serves one; the other runs its chunks alone) and a
+    // parallel_for nested in a chunk (runs inline): same results, nothing lost (TSan runs this too).
+    {
+        const Format f = Format::I2;
+        const int64_t M = 2, N = 517, K = 900;
+        const auto w = random_weights(f, N, K);
+        std::vector<uint8_t> p((size_t)packed_bytes(f, N, K));
+        pack(f, w.data(), N, K, p.data());
+        std::vector<float> x((size_t)(M * K)), ws((size_t)N, 1.0f), ref((size_t)(M * N));
+        std::normal_distribution<float> nd(0.0f, 1.0f);
+        for (auto& v : x) v = nd(rng);
+        set_num_threads(1);
+        gemm_f32(f, p.data(), N, K, x.data(), K, M, ws.data(), nullptr, ref.data());
+        set_num_threads(2);
+        std::atomic<int> bad{0};
+        auto caller = [&] {
+            std::vector<float> o((size_t)(M * N));
+            for (int rep = 0; rep < 30; ++rep) {
+                gemm_f32(f, p.data(), N, K, x.data(), K, M, ws.data(), nullptr, o.data());
+                if (o != ref) ++bad;
+            }
+        };
+        std::thread t1(caller), t2(caller);
+        t1.join();
+        t2.join();
+        CHECK(bad == 0, "concurrent callers changed results (%d bad)", bad.load());
+        std::atomic<int64_t> items{0};
+        parallel_for(64, 1, [&](int64_t b0, int64_t b1, int tid) {
+            CHECK(tid >= 0 && tid < 2, "tid %d out of range", tid);
+            for (int64_t i = b0; i < b1; ++i)
+                parallel_for(10, 1, [&](int64_t c0, int64_t c1, int) { items += c1 - c0; });
+        });
+        CHECK(items == 640, "nested parallel_for covered %lld of 640 items", (long long)items.load());
     }
     CHECK(stream_read_bandwidth(32 << 20, 2, 1) > 1e8, "stream_read_bandwidth");
     std::printf("%s (%d failures)\n", g_failures ? "FAILED" : "OK", g_failures);
