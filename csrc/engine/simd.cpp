@@ -43,6 +43,11 @@ static inline float h2f(uint16_t h) {
 static inline float h2f(uint16_t h) { return half_to_float(h); }
 #endif
 
+static void dot_f32_rows_portable(const float* q, const float* K, int64_t stride, int64_t n, int64_t hd, float scale,
+                                  float* out) {
+    for (int64_t j = 0; j < n; ++j) out[j] = dot_f32_portable(q, K + j * stride, hd) * scale;
+}
+
 static float dot_f16_portable(const uint16_t* w, const float* x, int64_t n) {
     float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t k = 0;
@@ -109,6 +114,35 @@ AVX2_FN static float dot_f32_avx2(const float* a, const float* b, int64_t n) {
     float s = hsum256(_mm256_add_ps(s0, s1));
     for (; k < n; ++k) s += a[k] * b[k];
     return s;
+}
+
+AVX2_FN static void dot_f32_rows_avx2(const float* q, const float* K, int64_t stride, int64_t n, int64_t hd,
+                                      float scale, float* out) {
+    const int64_t h8 = hd / 8 * 8;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float* k0 = K + j * stride;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < h8; d += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + d);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + stride + d), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * stride + d), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * stride + d), a3);
+        }
+        // (a0, a1, a2, a3) -> their 4 horizontal sums in one vector
+        const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
+        const __m256 h = _mm256_hadd_ps(h01, h23);  // lanes: [s0 s1 s2 s3 | s0' s1' s2' s3'] (per 128-bit half)
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        float r[4];
+        _mm_storeu_ps(r, s);
+        for (int i = 0; i < 4; ++i) {
+            float t = r[i];
+            for (int64_t d = h8; d < hd; ++d) t += q[d] * k0[i * stride + d];
+            out[j + i] = t * scale;
+        }
+    }
+    for (; j < n; ++j) out[j] = dot_f32_avx2(q, K + j * stride, hd) * scale;
 }
 
 AVX2_FN static float dot_f16_avx2(const uint16_t* w, const float* x, int64_t n) {
@@ -253,6 +287,9 @@ static bool has_avx2() {
 
 float dot_f32(const float* a, const float* b, int64_t n) { DISPATCH(dot_f32, a, b, n); }
 float dot_f16(const uint16_t* w, const float* x, int64_t n) { DISPATCH(dot_f16, w, x, n); }
+void dot_f32_rows(const float* q, const float* K, int64_t stride, int64_t n, int64_t hd, float scale, float* out) {
+    DISPATCH(dot_f32_rows, q, K, stride, n, hd, scale, out);
+}
 float dot_i8(const int8_t* w, const float* x, int64_t n) { DISPATCH(dot_i8, w, x, n); }
 void dot4_f16(const uint16_t* w, const float* x, int64_t ldx, int64_t n, float* out) { DISPATCH(dot4_f16, w, x, ldx, n, out); }
 void dot4_i8(const int8_t* w, const float* x, int64_t ldx, int64_t n, float* out) { DISPATCH(dot4_i8, w, x, ldx, n, out); }

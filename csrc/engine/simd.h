@@ -10,6 +10,9 @@ namespace engine {
 
 // Σ_k a[k]·b[k]
 float dot_f32(const float* a, const float* b, int64_t n);
+// out[j] = scale · Σ_k q[k]·K[j·stride + k] for j < n (attention scores of one query against n
+// cached keys): 4 keys at a time with independent FMA chains and one transposing reduction.
+void dot_f32_rows(const float* q, const float* K, int64_t stride, int64_t n, int64_t hd, float scale, float* out);
 // Σ_k half(w[k])·x[k]
 float dot_f16(const uint16_t* w, const float* x, int64_t n);
 // Σ_k w[k]·x[k], w int8
