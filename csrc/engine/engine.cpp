@@ -748,12 +748,7 @@ void Engine::attention(const int* ids, int n, const int64_t* offsets, const std:
             const float* V = s.v.data() + l * s.cap * kvd + (h / group) * hd;
             float* sc = scores_all + (int64_t)tid * maxlen;
             dot_f32_rows(q, K, kvd, p + 1, hd, scale, sc);
-            float mx = -INFINITY;
-            for (int64_t j = 0; j <= p; ++j) mx = std::max(mx, sc[j]);
-            float sum = 0.f;
-            for (int64_t j = 0; j <= p; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
-            const float inv = 1.0f / sum;
-            for (int64_t j = 0; j <= p; ++j) sc[j] *= inv;
+            softmax_inplace(sc, p + 1);
             weighted_sum(sc, V, kvd, p + 1, hd, ab_.data() + r * nh * hd + h * hd);
         }
     });

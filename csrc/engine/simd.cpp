@@ -2,6 +2,7 @@
 // that the compiler can vectorise them without reassociating (no -ffast-math anywhere).
 #include "simd.h"
 
+#include <cmath>
 #include <cstring>
 
 #include "engine.h"
@@ -46,6 +47,15 @@ static inline float h2f(uint16_t h) { return half_to_float(h); }
 static void dot_f32_rows_portable(const float* q, const float* K, int64_t stride, int64_t n, int64_t hd, float scale,
                                   float* out) {
     for (int64_t j = 0; j < n; ++j) out[j] = dot_f32_portable(q, K + j * stride, hd) * scale;
+}
+
+static void softmax_inplace_portable(float* x, int64_t n) {
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
+    float sum = 0.f;
+    for (int64_t j = 0; j < n; ++j) sum += (x[j] = std::exp(x[j] - mx));
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < n; ++j) x[j] *= inv;
 }
 
 static float dot_f16_portable(const uint16_t* w, const float* x, int64_t n) {
@@ -143,6 +153,52 @@ AVX2_FN static void dot_f32_rows_avx2(const float* q, const float* K, int64_t st
         }
     }
     for (; j < n; ++j) out[j] = dot_f32_avx2(q, K + j * stride, hd) * scale;
+}
+
+// exp(x) for x <= 0 (softmax arguments): 2^k · e^r with k = round(x·log2 e), r = x − k·ln 2 in two
+// parts (Cody-Waite), e^r by its Taylor polynomial to degree 6 (|r| <= ln2/2: error < 2e-7).
+AVX2_FN static inline __m256 exp_avx2(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // below: e^x underflows; the result is ~0 either way
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+AVX2_FN static void softmax_inplace_avx2(float* x, int64_t n) {
+    int64_t j = 0;
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= n; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + j));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vm);
+    float mx = -INFINITY;
+    for (float v : lanes) mx = v > mx ? v : mx;
+    for (; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
+    const __m256 m = _mm256_set1_ps(mx);
+    __m256 vs = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), m));
+        _mm256_storeu_ps(x + j, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    float sum = hsum256(vs);
+    for (; j < n; ++j) {
+        float t[8] = {x[j] - mx, 0, 0, 0, 0, 0, 0, 0};
+        _mm256_storeu_ps(t, exp_avx2(_mm256_loadu_ps(t)));
+        sum += (x[j] = t[0]);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), inv));
+    for (; j < n; ++j) x[j] *= 1.0f / sum;
 }
 
 AVX2_FN static float dot_f16_avx2(const uint16_t* w, const float* x, int64_t n) {
@@ -294,6 +350,7 @@ float dot_i8(const int8_t* w, const float* x, int64_t n) { DISPATCH(dot_i8, w, x
 void dot4_f16(const uint16_t* w, const float* x, int64_t ldx, int64_t n, float* out) { DISPATCH(dot4_f16, w, x, ldx, n, out); }
 void dot4_i8(const int8_t* w, const float* x, int64_t ldx, int64_t n, float* out) { DISPATCH(dot4_i8, w, x, ldx, n, out); }
 void axpy(float a, const float* x, float* y, int64_t n) { DISPATCH(axpy, a, x, y, n); }
+void softmax_inplace(float* x, int64_t n) { DISPATCH(softmax_inplace, x, n); }
 void f16_to_f32(const uint16_t* w, float* out, int64_t n) { DISPATCH(f16_to_f32, w, out, n); }
 void weighted_sum(const float* p, const float* V, int64_t stride, int64_t n, int64_t hd, float* out) {
     DISPATCH(weighted_sum, p, V, stride, n, hd, out);
