@@ -8,6 +8,7 @@ that row: the machine is shared), and speed-up ratios (baseline time / bitllm ti
 T1 and B1 rows also print their time per weight relative to I2 (targets: <= 0.85 and <= 0.6).
 
     .venv/bin/python benchmarks/kernels.py [--threads 1,2] [--reps 7] [--quick]
+    .venv/bin/python benchmarks/kernels.py --hot   # compute ceilings: cache-resident, M = 1, 4, 16
 """
 
 from __future__ import annotations
@@ -91,6 +92,28 @@ def bench_shape(M: int, N: int, K: int, reps: int, total: int, baselines: bool) 
     return rows
 
 
+def hot_table(threads: int, reps: int) -> list[dict]:
+    """Compute ceilings: one copy of each matrix (cache-resident, so no DRAM in the way), A8 kernels at
+    M = 1, 4 and 16 activation rows, in G weight-rows/s (M·N·K / time). GEMV speed here against the
+    DRAM roofline says whether a format can be memory-bound; M = 16 against M = 1 bounds what batching
+    concurrent streams can gain (issue 10)."""
+    from bitllm import _core
+
+    rows = []
+    for N, K in SHAPES[1:3]:
+        for fmt in FORMATS:
+            p = bk.pack(fmt, random_weights(fmt, N, K))
+            code, ws = FORMATS.index(fmt), torch.ones(N)
+            for M in (1, 4, 16):
+                x, out = torch.randn(M, K), torch.empty(M, N)
+                t = time_cycled([lambda: _core.linear_ptr(True, code, p.data.data_ptr(), N, K, x.data_ptr(), M,
+                                                          ws.data_ptr(), 0, out.data_ptr(), -1)], reps=reps,
+                                min_batch_s=0.02)
+                rows.append({"impl": f"bitllm {fmt}", "M": M, "N": N, "K": K, "threads": threads,
+                             "gwr_s": M * N * K / t.median_s / 1e9, **t.as_dict()})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
@@ -98,11 +121,26 @@ def main() -> None:
     ap.add_argument("--gemm-m", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="GEMV only, no torch baselines")
     ap.add_argument("--no-gemm", action="store_true")
+    ap.add_argument("--hot", action="store_true",
+                    help="only the compute ceilings: cache-resident matrices at M = 1, 4, 16 (G weight-rows/s)")
     args = ap.parse_args()
     total = max(4 * l3_bytes(), 128 << 20)
     isa = bk.active_isa()
     results = {"isa": isa, "cpu": bk.cpu_model(), "runs": []}
     print(f"# bitllm kernels benchmark — weights cycled over >= {total >> 20} MiB per set; load avg before: {loadavg()}")
+    if args.hot:
+        for threads in [int(t) for t in args.threads.split(",")]:
+            bk.set_num_threads(threads)
+            rows = hot_table(threads, args.reps)
+            results["runs"] += rows
+            print(f"\n## cache-resident A8 kernels, {threads} thread(s) — {machine_line(isa, threads)}")
+            print(fmt_table(["N x K", "impl", "M", "median us", "G weight-rows/s", "vs M=1"],
+                            [[f"{r['N']}x{r['K']}", r["impl"], r["M"], f"{r['median_us']:.1f}", f"{r['gwr_s']:.1f}",
+                              f"{r['gwr_s'] / next(q['gwr_s'] for q in rows if q['impl'] == r['impl'] and q['N'] == r['N'] and q['M'] == 1):.2f}x"]
+                             for r in rows]))
+        print(f"\nload avg after: {loadavg()}")
+        print(f"wrote {write_results('kernels_hot', results)}")
+        return
     for threads in [int(t) for t in args.threads.split(",")]:
         bk.set_num_threads(threads)
         torch.set_num_threads(threads)
