@@ -249,3 +249,46 @@ def test_teacher_dtype_auto_resolves(monkeypatch):
     assert student.resolve_teacher_dtype("auto") == "fp32"  # the scalar-bf16 fallback is avoided on such CPUs
     monkeypatch.setattr(student, "cpu_has_native_bf16", lambda: True)
     assert student.resolve_teacher_dtype("auto") == "bf16"
+
+
+def test_kept_share_of_the_score_above_chance():
+    from bitllm.convert.zero_shot import kept_share, markdown
+
+    row = lambda task, v, metric="acc": {"task": task, "metric": metric, "value": v}  # noqa: E731
+    teacher = [row("local_nextsent_id", 0.65), row("local_lambada_id", 0.40), row("local_nextsent_id", 0.9, "acc_norm"),
+               row("mystery", 0.7)]
+    student = [row("local_nextsent_id", 0.45), row("local_lambada_id", 0.10), row("mystery", 0.6)]
+    z = kept_share(teacher, student)
+    assert [r["task"] for r in z["tasks"]] == ["local_lambada_id", "local_nextsent_id"] and z["skipped"] == ["mystery"]
+    assert z["tasks"][1]["kept"] == pytest.approx((0.45 - 0.25) / (0.65 - 0.25))
+    # averages first, then the share: (0.275 - 0.125) / (0.525 - 0.125)
+    assert z["share_kept"] == pytest.approx(0.375)
+    md = markdown(z | {"task_names": ["local"], "limit": 10})
+    assert "0.38" in md and "not met" in md and "mystery" in md
+    with pytest.raises(bitllm.BitLLMError, match="no task"):
+        kept_share([row("mystery", 0.5)], [row("mystery", 0.4)])
+
+
+def test_cli_zero_shot_on_a_finished_conversion(teacher, tmp_path, monkeypatch):
+    """--resume --zero-shot on a finished run scores both models and puts the share into the report."""
+    from typer.testing import CliRunner
+
+    from bitllm.cli import app
+    from bitllm.eval.tasks import build_local_tasks
+
+    monkeypatch.setenv("BITLLM_CACHE", str(tmp_path / "cache"))
+    build_local_tasks(tmp_path / "cache" / "lm_eval_tasks", n=4)
+    tdir, corpus = teacher
+    out = tmp_path / "zs"
+    args = ["convert", str(tdir), "--method", "onebit", "-o", str(out), "--data", str(corpus), "--steps", "2",
+            "--batch-size", "2", "--seq-len", str(SEQ), "--teacher-dtype", "fp32"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    res = CliRunner().invoke(app, args + ["--resume", "--zero-shot", "local_nextsent_id", "--zero-shot-limit", "3"])
+    assert res.exit_code == 0, res.output
+    assert "share of the teacher's score above chance kept" in " ".join(res.output.split())  # rich wraps lines
+    report = json.loads((out / "report.json").read_text())
+    z = report["zero_shot"]
+    assert [r["task"] for r in z["tasks"]] == ["local_nextsent_id"] and z["chance_avg"] == 0.25
+    assert 0.0 <= z["teacher_avg"] <= 1.0 and 0.0 <= z["student_avg"] <= 1.0
+    assert "Zero-shot accuracy" in (out / "report.md").read_text()
+    assert (out / "zero_shot" / "teacher" / "eval.json").exists() and (out / "zero_shot" / "student" / "eval.json").exists()

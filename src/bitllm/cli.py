@@ -88,6 +88,10 @@ def convert(
     save_every: int = typer.Option(200, help="Atomic checkpoint every N steps (and at the end)."),
     resume: bool = typer.Option(False, help="Continue bit-exactly from OUTPUT/checkpoint if it exists."),
     overwrite: bool = typer.Option(False, help="Start again over an existing run in OUTPUT."),
+    zero_shot: list[str] = typer.Option([], help="Afterwards, score teacher and student on these lm-eval tasks "
+                                        "('local' = the offline tasks) and report the share of the teacher's "
+                                        "score above chance kept (with --resume on a finished run: only that)."),
+    zero_shot_limit: Optional[float] = typer.Option(None, help="lm-eval --limit for --zero-shot (docs per task)."),
 ) -> None:
     """Convert a pretrained causal LM to 1 bit (OneBit) or 1.58 bits (BitNet QAT) by distillation from itself."""
     from bitllm.convert import convert as run_convert
@@ -105,6 +109,15 @@ def convert(
     ppl = ", ".join(f"{k} teacher {result.teacher_ppl.get(k, float('nan')):.2f} -> student {v:.2f}"
                     for k, v in result.student_ppl.items())
     console.print(f"[green]converted[/green] {result.model_dir}  held-out perplexity: {ppl}  (report: {output / 'report.md'})")
+    if zero_shot:
+        from bitllm.convert.zero_shot import run_zero_shot
+
+        tasks = [t for item in zero_shot for t in item.split(",") if t]
+        z = run_zero_shot(output, model, tasks, limit=zero_shot_limit)
+        share = "n/a" if z["share_kept"] is None else f"{z['share_kept']:.2f}"
+        console.print(f"zero-shot average acc: teacher {z['teacher_avg']:.3f}, student {z['student_avg']:.3f}, chance "
+                      f"{z['chance_avg']:.3f}; share of the teacher's score above chance kept: {share} "
+                      f"(goal {z['goal']:.2f})")
 
 
 @app.command()

@@ -11,6 +11,7 @@ from bitllm.convert.config import ConvertConfig, lambda_at, lr_at
 from bitllm.convert.losses import distill_loss, hidden_mse, kd_kl
 from bitllm.convert.run import ConvertResult, convert, run_conversion
 from bitllm.convert.student import build_student, load_teacher
+from bitllm.convert.zero_shot import kept_share, run_zero_shot
 
 __all__ = ["ConvertConfig", "ConvertResult", "build_student", "convert", "distill_loss", "hidden_mse", "kd_kl",
-           "lambda_at", "load_teacher", "lr_at", "run_conversion"]
+           "kept_share", "lambda_at", "load_teacher", "lr_at", "run_conversion", "run_zero_shot"]

@@ -300,6 +300,10 @@ def markdown_report(r: dict) -> str:
               f"| wall time (this session) | {r['wall_s_this_session']:.0f} s |",
               f"| peak RSS | {r['peak_rss_mb']:.0f} MiB |",
               f"| final loss | {r['final_loss']:.4f} |", "", "![loss](loss.png)", ""]
+    if r.get("zero_shot"):
+        from bitllm.convert.zero_shot import zero_shot_from
+
+        lines += [zero_shot_from(r)]
     lines += [f"Note: {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
 
