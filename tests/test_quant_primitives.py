@@ -68,12 +68,15 @@ def test_activation_quant_zero_row_uses_floor():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 5), st.integers(1, 70), st.floats(1e-3, 1e3))
-def test_activation_quant_range_and_error(m, k, mag):
-    x = torch.randn(m, k) * mag
+@given(st.integers(1, 5), st.integers(1, 70), st.floats(1e-3, 1e3), st.integers(0, 2**31 - 1))
+def test_activation_quant_range_and_error(m, k, mag, seed):
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) * mag  # seeded: hypothesis can replay it
     q, s = quantize_activations(x)
     assert q.dtype == torch.int8
-    assert (q.abs().amax(-1) == 127).all()  # the absmax element maps to +-127
+    # the absmax element maps to +-127 — unless the row's absmax is below the 1e-5 floor of the scale
+    # (a short row at mag 1e-3 can be: it then maps to round(absmax * 127 / 1e-5) < 127)
+    big = x.abs().amax(-1) >= 1e-5
+    assert (q.abs().amax(-1)[big] == 127).all()
     assert ((fake_quantize_activations(x) - x).abs() <= 0.5 / s + 1e-6 * mag).all()
 
 
