@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from bitllm.train.trainer import (
     load_checkpoint,
     resume_advice,
     save_checkpoint,
+    start_fresh_run,
 )
 from bitllm.train.trainer import _accelerator  # the same accelerate setup as training (reads cfg.mixed_precision)
 
@@ -116,16 +116,7 @@ def run_conversion(cfg: ConvertConfig, *, resume: bool = False, overwrite: bool 
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
     if main and not resuming:
-        if (ckpt_dir / "state.json").exists() and not overwrite:
-            raise BitLLMError(f"{out} already holds a conversion checkpoint; pass --resume to continue it, or "
-                              "--overwrite (or another output directory) to start again")
-        for name in (CKPT, MODEL, TEACHER_DATA):
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
-            else:
-                (out / name).unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "convert_config.json", cfg.to_json().encode())
+        start_fresh_run(out, cfg, "convert_config.json", "conversion", (CKPT, MODEL, TEACHER_DATA), overwrite)
     accelerator.wait_for_everyone()
 
     teacher, tokenizer = load_teacher(cfg.teacher, cfg.teacher_dtype)

@@ -123,6 +123,21 @@ def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
         (tmp / "state.json").write_text(json.dumps(full) + "\n")
 
 
+def start_fresh_run(out: Path, cfg, config_file: str, kind: str, outputs: tuple[str, ...], overwrite: bool) -> None:
+    """A new (not resumed) run in `out`: refuse to replace an existing checkpoint unless `overwrite`, remove the
+    previous run's `outputs` (files or directories), and write the run's config atomically. Main process only."""
+    if (out / CKPT / "state.json").exists() and not overwrite:
+        raise BitLLMError(f"{out} already holds a {kind} checkpoint; pass --resume to continue it, or "
+                          "--overwrite (or another output directory) to start again")
+    for name in outputs:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+        else:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / config_file, cfg.to_json().encode())
+
+
 def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig) -> dict:
     state = json.loads((directory / "state.json").read_text())
     if _comparable(state["config"]) != _comparable(cfg.to_dict()):
@@ -214,13 +229,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, co
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
     if main and not resuming:
-        if (ckpt_dir / "state.json").exists() and not overwrite:
-            raise BitLLMError(f"{out} already holds a training checkpoint; pass --resume to continue it, or "
-                              "--overwrite (or another output_dir) to start again")
-        for name in (CKPT, MODEL):
-            shutil.rmtree(out / name, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "train_config.json", cfg.to_json().encode())
+        start_fresh_run(out, cfg, "train_config.json", "training", (CKPT, MODEL), overwrite)
     accelerator.wait_for_everyone()
 
     if corpus is None:
