@@ -359,7 +359,7 @@ int64_t padded_k(Format f, int64_t K) {
     return std::max<int64_t>(1, (K + b - 1) / b) * b;
 }
 int64_t row_bytes(Format f, int64_t K) { return padded_k(f, K) / block_weights(f) * block_bytes(f); }
-int64_t packed_bytes(Format f, int64_t N, int64_t K) { return N * row_bytes(f, K); }
+int64_t packed_bytes(Format f, int64_t N, int64_t K) { return stored_rows(f, N) * row_bytes(f, K); }
 
 int64_t find_invalid_weight(Format f, const int8_t* w, int64_t count) {
     for (int64_t i = 0; i < count; ++i) {
@@ -373,9 +373,16 @@ int64_t find_invalid_weight(Format f, const int8_t* w, int64_t count) {
 void pack(Format f, const int8_t* w, int64_t N, int64_t K, uint8_t* out) {
     const int64_t Kp = padded_k(f, K), rb = row_bytes(f, K);
     std::vector<uint8_t> codes((size_t)Kp);  // (Kp,) codes w+1 of one row, padding = weight 0 (+1 for B1)
+    std::vector<uint8_t> tiled;              // (rb,) one row of a tiled format before it is interleaved
+    if (is_tiled(f)) {
+        tiled.resize((size_t)rb);
+        // a partial last tile: zero first (its padding rows stay zero; the real rows are written below)
+        const int64_t full = N / kTileRows * kTileRows;
+        std::memset(out + full * rb, 0, (size_t)((stored_rows(f, N) - full) * rb));
+    }
     for (int64_t n = 0; n < N; ++n) {
         const int8_t* wr = w + n * K;
-        uint8_t* o = out + n * rb;
+        uint8_t* o = is_tiled(f) ? tiled.data() : out + n * rb;
         for (int64_t k = 0; k < Kp; ++k) codes[k] = k < K ? uint8_t(wr[k] + 1) : (f == Format::B1 ? 2 : 1);
         std::memset(o, 0, (size_t)rb);
         switch (f) {
@@ -394,20 +401,23 @@ void pack(Format f, const int8_t* w, int64_t N, int64_t K, uint8_t* out) {
                     }
                 break;
             case Format::B1:
-                for (int64_t b = 0; b < Kp / kB1Weights; ++b)
-                    for (int i = 0; i < 8; ++i)
-                        for (int j = 0; j < 32; ++j)
-                            o[32 * b + j] |= uint8_t((codes[kB1Weights * b + 32 * i + j] == 0 ? 1 : 0) << i);
+                for (int64_t p = 0; p < rb; ++p)
+                    for (int i = 0; i < 8; ++i) o[p] |= uint8_t((codes[8 * p + i] == 0 ? 1 : 0) << i);
                 break;
+        }
+        if (is_tiled(f)) {
+            uint8_t* t = out + (n / kTileRows) * kTileRows * rb + (n % kTileRows);
+            for (int64_t p = 0; p < rb; ++p) t[kTileRows * p] = o[p];
         }
     }
 }
 
 void unpack(Format f, const uint8_t* packed, int64_t N, int64_t K, int8_t* out) {
     const int64_t Kp = padded_k(f, K), rb = row_bytes(f, K);
-    std::vector<uint8_t> codes((size_t)Kp);
+    std::vector<uint8_t> codes((size_t)Kp), buf((size_t)rb);
+    const PackedView w{f, packed, N, K, Kp, rb};
     for (int64_t n = 0; n < N; ++n) {
-        decode_row_codes_generic(f, packed + n * rb, Kp, codes.data());
+        decode_row_codes_generic(f, row_of(w, n, buf.data()), Kp, codes.data());
         for (int64_t k = 0; k < K; ++k) out[n * K + k] = int8_t(int(codes[k]) - 1);
     }
 }
@@ -482,6 +492,8 @@ void gemm_a8(Format f, const uint8_t* packed, int64_t N, int64_t K, const int8_t
         a.ldq = w.Kp;
     }
     A8Fn fn = t.a8[int(f)] ? t.a8[int(f)] : kTableGeneric.a8[int(f)];
+    std::vector<uint8_t> lut;
+    if (t.a8[int(f)] && t.a8_prep[int(f)]) t.a8_prep[int(f)](w, a, lut);
     parallel_rows(N, w.Kp * M, [&](int64_t n0, int64_t n1) { fn(w, a, wscale, bias, out, n0, n1); });
 }
 

@@ -78,31 +78,6 @@ inline __m256i t1_block_dot(__m256i v, const int8_t* q) {
     return s;
 }
 
-// B1 block (256 weights): 8 bit planes, c = (byte >> i) & 1 (1 = weight -1). Returns Σ c·q.
-// Planes come from the two nibbles through pshufb tables (bit i of the nibble): 3 ops for the
-// nibbles + 1 per plane, instead of a shift and an AND per plane (15 -> 11 decode ops per block).
-inline __m256i b1_block_dot(__m256i v, const int8_t* q) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    const __m256i bit0 = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
-                                          0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1);
-    const __m256i bit1 = _mm256_setr_epi8(0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1,
-                                          0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1);
-    const __m256i bit2 = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1,
-                                          0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
-    const __m256i bit3 = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                          0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-    __m256i s = _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit0, lo), load(q));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit1, lo), load(q + 32)));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit2, lo), load(q + 64)));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit3, lo), load(q + 96)));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit0, hi), load(q + 128)));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit1, hi), load(q + 160)));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit2, hi), load(q + 192)));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_shuffle_epi8(bit3, hi), load(q + 224)));
-    return s;
-}
-
 // GEMV accumulation per format: `acc` adds one block into the int16 accumulator `a` (a second
 // one, `b`, summed in after a right shift by kShiftB, is there for layouts with scaled planes),
 // widened to int32 every kGroup blocks. (Tried for I2: planes 1 and 3 as `v & 0x0C` into `b` to
@@ -123,20 +98,13 @@ struct Fmt<Format::T1> {
     static void acc(__m256i v, const int8_t* q, __m256i& a, __m256i&) { a = _mm256_add_epi16(a, t1_block_dot(v, q)); }
     static int32_t finish(int32_t s, int32_t qsum) { return s - qsum; }
 };
-template <>
-struct Fmt<Format::B1> {
-    static constexpr int kW = kB1Weights;
-    static constexpr int kGroup = 8, kShiftB = 0;  // 8 x 2048 < 2^15
-    static void acc(__m256i v, const int8_t* q, __m256i& a, __m256i&) { a = _mm256_add_epi16(a, b1_block_dot(v, q)); }
-    static int32_t finish(int32_t s, int32_t qsum) { return qsum - 2 * s; }  // Σ(1-2c)q
-};
 
 // ============================================================================================
 // Decode rows into codes (GEMM and F32 paths)
 // ============================================================================================
 
 void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
-    const __m256i m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1), two = _mm256_set1_epi8(2);
+    const __m256i m3 = _mm256_set1_epi8(3), two = _mm256_set1_epi8(2);
     switch (f) {
         case Format::I2:
             for (int64_t b = 0; b < Kp / kI2Weights; ++b) {
@@ -160,16 +128,20 @@ void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
                 _mm256_storeu_si256((__m256i*)(c + 128), t1_plane<4>(xe, xo));
             }
             break;
-        case Format::B1:
-            for (int64_t b = 0; b < Kp / kB1Weights; ++b) {
-                const __m256i v = load(row + 32 * b);
-                uint8_t* c = codes + kB1Weights * b;
-                for (int i = 0; i < 8; ++i) {
-                    const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(v, i), one);
-                    _mm256_storeu_si256((__m256i*)(c + 32 * i), _mm256_sub_epi8(two, _mm256_add_epi8(bit, bit)));
-                }
+        case Format::B1: {
+            // 32 codes from 4 bytes: byte k copied to lanes 8k..8k+7, lane i of each tests bit i
+            const __m256i rep = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+            const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+            for (int64_t p = 0; p < Kp / 8; p += 4) {
+                int32_t four;
+                std::memcpy(&four, row + p, 4);
+                const __m256i r = _mm256_shuffle_epi8(_mm256_set1_epi32(four), rep);
+                const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(r, bit), bit);  // weight -1
+                _mm256_storeu_si256((__m256i*)(codes + 8 * p), _mm256_andnot_si256(set, two));
             }
             break;
+        }
     }
 }
 
@@ -287,10 +259,11 @@ void gemm_tiles(Format f, const PackedView& w, const A8Acts& a, const float* wsc
     // (kTile, Kp) codes; rows past n1 stay code 1 (w = 0) and are never written out
     std::vector<uint8_t> codes((size_t)(kTile * Kp), 1);
     std::vector<__m256i> acc((size_t)(M * kTile));  // (M, kTile) int32 lane sums
+    std::vector<uint8_t> rowbuf((size_t)w.row_bytes);  // one row of a tiled format, gathered
     for (int64_t n = n0; n < n1; n += kTile) {
         const int64_t rn = std::min<int64_t>(kTile, n1 - n);
         const int64_t rt = (rn + kNR - 1) / kNR * kNR;  // rows computed (whole micro-kernels)
-        for (int64_t r = 0; r < rn; ++r) decode_codes(f, w.data + (n + r) * w.row_bytes, Kp, &codes[r * Kp]);
+        for (int64_t r = 0; r < rn; ++r) decode_codes(f, row_of(w, n + r, rowbuf.data()), Kp, &codes[r * Kp]);
         if (rn < kTile) std::memset(&codes[rn * Kp], 1, (size_t)((kTile - rn) * Kp));
         for (auto& v : acc) v = _mm256_setzero_si256();
         for (int64_t k0 = 0; k0 < Kp; k0 += kKC) {
@@ -386,9 +359,9 @@ inline float tree16(__m256 lo, __m256 hi) {
 template <Format F>
 void f32_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,
               int64_t n0, int64_t n1) {
-    std::vector<uint8_t> codes((size_t)w.Kp);  // (Kp,)
+    std::vector<uint8_t> codes((size_t)w.Kp), buf((size_t)w.row_bytes);  // one row: codes, bytes
     for (int64_t n = n0; n < n1; ++n) {
-        decode_codes(F, w.data + n * w.row_bytes, w.Kp, codes.data());
+        decode_codes(F, row_of(w, n, buf.data()), w.Kp, codes.data());
         for (int64_t m = 0; m < a.M; ++m) {
             const float* x = a.x + m * a.ldx;
             __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
@@ -398,6 +371,115 @@ void f32_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const 
                 hi = _mm256_add_ps(hi, signed_select(_mm_srli_si128(c16, 8), _mm256_loadu_ps(x + k + 8)));
             }
             out[m * w.N + n] = f32_epilogue(tree16(lo, hi), wscale[n], bias, n);
+        }
+    }
+}
+
+
+// ============================================================================================
+// B1 LUT (T-MAC style): table lookups of activation sums instead of per-weight decoding
+// ============================================================================================
+// A nibble of a B1 byte is 4 "is -1" flags c_0..c_3 of 4 consecutive weights, so Σ c_i·q_i over
+// those 4 columns is one of 16 sums of the 4 activations: built once per call (a8_b1_prep_avx2),
+// then looked up with pshufb for 16 rows at a time — the tiled layout puts byte p of 16 rows in one
+// 128-bit lane (bytes p and p+1 in one 256-bit load). The sums (|T| <= 512) are int16: a table is
+// two 16-byte pshufb tables, its low bytes (u8) and high bytes (s8), and unpacklo/hi_epi8 of the
+// two lookups rebuild the int16 values exactly (rows 0-7 and 8-15). Per 256 weight-rows: 3 ops for
+// the nibbles, 4 pshufb, 4 unpacks, 4 adds — against 27 decode+maddubs ops for the bit planes.
+//
+// Tables, per pair pp of row bytes (p = 2pp, 2pp+1; the 16 columns 16pp..16pp+15, groups
+// g0..g3 = columns 16pp+4g..16pp+4g+3), 128 bytes: [low bytes of g0 | of g2], [high bytes of g0 | of
+// g2], [low g1 | low g3], [high g1 | high g3] (lane 0 | lane 1, entries e = 0..15 as bytes).
+constexpr int64_t kB1LutBytes = 128;  // table bytes per pair of row bytes
+constexpr int kB1LutGroup = 31;       // int16 lanes gain 2 lookups of |T| <= 512 per pair: 62·512 < 2^15
+constexpr int64_t kB1LutPrefetch = 2048;
+constexpr int64_t kB1LutMaxRows = 16;  // activation rows served by tables (more: the decoded-tile GEMM)
+
+// Entries 0..7 of the table of 4 activations (a, b, c, d) in int16 lanes of each 128-bit lane:
+// T[e] = e0·a + e1·b + e2·c, and T[8 + e] = T[e] + d.
+inline void b1_tables(__m256i qb, __m256i ctl_ab, __m256i ctl_cd, uint8_t* dst) {
+    const __m256i e01 = _mm256_setr_epi8(0, 0, 1, 0, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1,
+                                         0, 0, 1, 0, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1);
+    const __m256i e2 = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 1, 0, 1, 0,
+                                        0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 1, 0, 1, 0);
+    const __m256i e3 = _mm256_set1_epi16(0x0100);  // (0, 1): picks d
+    const __m256i lo8 = _mm256_set1_epi16(0x00FF);
+    const __m256i ab = _mm256_shuffle_epi8(qb, ctl_ab), cd = _mm256_shuffle_epi8(qb, ctl_cd);
+    const __m256i t0 = _mm256_add_epi16(_mm256_maddubs_epi16(e01, ab), _mm256_maddubs_epi16(e2, cd));
+    const __m256i t1 = _mm256_add_epi16(t0, _mm256_maddubs_epi16(e3, cd));
+    // packus/packs work per 128-bit lane: lane 0 gets entries 0-7 then 8-15 of its own group
+    _mm256_store_si256((__m256i*)dst, _mm256_packus_epi16(_mm256_and_si256(t0, lo8), _mm256_and_si256(t1, lo8)));
+    _mm256_store_si256((__m256i*)(dst + 32), _mm256_packs_epi16(_mm256_srai_epi16(t0, 8), _mm256_srai_epi16(t1, 8)));
+}
+
+// One tile (16 rows) against MB activation rows, whose tables lie lut_stride bytes apart: the
+// nibbles are split once and looked up in every row's tables. s[m][r] = Σ c·q of tile row r.
+template <int MB>
+inline void b1_lut_tile(const uint8_t* t, int64_t pairs, const uint8_t* lut, int64_t lut_stride, bool prefetch,
+                        int32_t (*s)[kTileRows]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256i r0[MB], r1[MB];  // int32 sums of rows 0-7 and 8-15
+    for (int m = 0; m < MB; ++m) r0[m] = r1[m] = _mm256_setzero_si256();
+    for (int64_t p0 = 0; p0 < pairs; p0 += kB1LutGroup) {
+        const int64_t p1 = std::min<int64_t>(pairs, p0 + kB1LutGroup);
+        __m256i a0[MB], a1[MB];  // int16: rows 0-7, rows 8-15 (lane 0: even row bytes, lane 1: odd)
+        for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_si256();
+        for (int64_t pp = p0; pp < p1; ++pp) {
+            // the next tiles follow this one: one prefetch per 64-byte line, 2 KB ahead
+            if (prefetch && !(pp & 1)) _mm_prefetch((const char*)t + 32 * pp + kB1LutPrefetch, _MM_HINT_T0);
+            const __m256i v = load(t + 32 * pp);
+            const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            for (int m = 0; m < MB; ++m) {
+                const uint8_t* tb = lut + m * lut_stride + kB1LutBytes * pp;
+                __m256i l = _mm256_shuffle_epi8(load(tb), lo), h = _mm256_shuffle_epi8(load(tb + 32), lo);
+                a0[m] = _mm256_add_epi16(a0[m], _mm256_unpacklo_epi8(l, h));
+                a1[m] = _mm256_add_epi16(a1[m], _mm256_unpackhi_epi8(l, h));
+                l = _mm256_shuffle_epi8(load(tb + 64), hi);
+                h = _mm256_shuffle_epi8(load(tb + 96), hi);
+                a0[m] = _mm256_add_epi16(a0[m], _mm256_unpacklo_epi8(l, h));
+                a1[m] = _mm256_add_epi16(a1[m], _mm256_unpackhi_epi8(l, h));
+            }
+        }
+        for (int m = 0; m < MB; ++m) {
+            r0[m] = _mm256_add_epi32(r0[m], _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a0[m])),
+                                                             _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a0[m], 1))));
+            r1[m] = _mm256_add_epi32(r1[m], _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a1[m])),
+                                                             _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a1[m], 1))));
+        }
+    }
+    for (int m = 0; m < MB; ++m) {
+        _mm256_storeu_si256((__m256i*)s[m], r0[m]);
+        _mm256_storeu_si256((__m256i*)(s[m] + 8), r1[m]);
+    }
+}
+
+// Rows [n0, n1) (whole tiles but the last) for the M <= 16 activation rows, in groups of <= 4 rows
+// per pass over a tile (the tile stays in L1 between passes).
+void b1_lut_tiles(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+                  int64_t n0, int64_t n1) {
+    const int64_t pairs = w.row_bytes / 2, tile_bytes = kTileRows * w.row_bytes, lut_stride = pairs * kB1LutBytes;
+    const uint8_t* first = w.data + (n0 / kTileRows) * tile_bytes;
+    for (int64_t o = 0; o < std::min<int64_t>(kB1LutPrefetch, (n1 - n0) * w.row_bytes); o += 64)
+        _mm_prefetch((const char*)first + o, _MM_HINT_T0);
+    const int64_t groups = (a.M + 3) / 4, base = a.M / groups, extra = a.M % groups;
+    int32_t s[4][kTileRows];
+    for (int64_t n = n0; n < n1; n += kTileRows) {
+        const uint8_t* t = w.data + (n / kTileRows) * tile_bytes;
+        const int64_t rn = std::min<int64_t>(kTileRows, n1 - n);
+        for (int64_t g = 0, m0 = 0; g < groups; ++g) {
+            const int mb = (int)(base + (g < extra));
+            const uint8_t* lut = a.lut + m0 * lut_stride;
+            switch (mb) {
+                case 4: b1_lut_tile<4>(t, pairs, lut, lut_stride, g == 0, s); break;
+                case 3: b1_lut_tile<3>(t, pairs, lut, lut_stride, g == 0, s); break;
+                case 2: b1_lut_tile<2>(t, pairs, lut, lut_stride, g == 0, s); break;
+                default: b1_lut_tile<1>(t, pairs, lut, lut_stride, g == 0, s); break;
+            }
+            for (int j = 0; j < mb; ++j)
+                for (int64_t r = 0; r < rn; ++r)  // Σ(1-2c)q
+                    out[(m0 + j) * w.N + n + r] = a8_epilogue(a.qsum[m0 + j] - 2 * s[j][r], a.xscale[m0 + j],
+                                                              wscale[n + r], bias, n + r);
+            m0 += mb;
         }
     }
 }
@@ -456,10 +538,47 @@ void quantize_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q,
     }
 }
 
+
+// ---- B1 entry points (also in the AVX-512 table) ----
+
+void a8_b1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
+    if (a.M > kB1LutMaxRows) return;  // more activation rows: the decoded-tile GEMM (no tables)
+    const int64_t pairs = w.row_bytes / 2;
+    scratch.resize((size_t)(a.M * pairs * kB1LutBytes + 32));
+    uint8_t* lut = scratch.data() + ((32 - (reinterpret_cast<uintptr_t>(scratch.data()) & 31)) & 31);
+    // pshufb controls picking byte pairs of the 16 activations (both lanes hold all 16)
+    const __m256i ab02 = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                          8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9);
+    const __m256i two = _mm256_set1_epi8(2), four = _mm256_set1_epi8(4);
+    const __m256i cd02 = _mm256_add_epi8(ab02, two), ab13 = _mm256_add_epi8(ab02, four),
+                  cd13 = _mm256_add_epi8(ab13, two);
+    for (int64_t m = 0; m < a.M; ++m)
+        for (int64_t pp = 0; pp < pairs; ++pp) {
+            const __m256i qb =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(a.q + m * a.ldq + 16 * pp)));
+            uint8_t* dst = lut + (m * pairs + pp) * kB1LutBytes;
+            b1_tables(qb, ab02, cd02, dst);
+            b1_tables(qb, ab13, cd13, dst + 64);
+        }
+    a.lut = lut;
+}
+
+void a8_b1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+                int64_t n0, int64_t n1) {
+    if (a.lut) return b1_lut_tiles(w, a, wscale, bias, out, n0, n1);
+    gemm_tiles(Format::B1, w, a, wscale, bias, out, n0, n1);
+}
+
+void f32_b1_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,
+                 int64_t n0, int64_t n1) {
+    f32_avx2<Format::B1>(w, a, wscale, bias, out, n0, n1);
+}
+
 const KernelTable kTableAVX2 = {
-    {a8_avx2<Format::I2>, a8_avx2<Format::T1>, a8_avx2<Format::B1>},
-    {f32_avx2<Format::I2>, f32_avx2<Format::T1>, f32_avx2<Format::B1>},
+    {a8_avx2<Format::I2>, a8_avx2<Format::T1>, a8_b1_avx2},
+    {f32_avx2<Format::I2>, f32_avx2<Format::T1>, f32_b1_avx2},
     quantize_avx2,
+    {nullptr, nullptr, a8_b1_prep_avx2},
 };
 
 }  // namespace bitllm

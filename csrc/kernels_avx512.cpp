@@ -85,7 +85,7 @@ struct Ops<__m256i> {
     static __m256i sub8(__m256i a, __m256i b) { return _mm256_sub_epi8(a, b); }
 };
 
-// Codes of plane i of the block(s) in v (I2: 4 planes, T1: 5, B1: 8). B1 yields c = 1 for w = -1.
+// Codes of plane i of the block(s) in v (I2: 4 planes, T1: 5). B1 runs the AVX2 LUT kernels.
 template <Format F, class V>
 struct Planes;
 template <class V>
@@ -114,17 +114,11 @@ struct Planes<Format::T1, V> {
         return t;
     }
 };
-template <class V>
-struct Planes<Format::B1, V> {
-    static constexpr int kN = 8, kW = kB1Weights;
-    V v;
-    explicit Planes(V x) : v(x) {}
-    V get(int i) const { return Ops<V>::and_(Ops<V>::srli16(v, i), Ops<V>::set8(1)); }
-};
 
 template <Format F>
 inline int32_t finish(int32_t s, int32_t qsum) {
-    return F == Format::B1 ? qsum - 2 * s : s - qsum;
+    static_assert(F != Format::B1, "B1 runs the AVX2 kernels");
+    return s - qsum;
 }
 
 // ============================================================================================
@@ -173,7 +167,7 @@ inline void gemv_rows(const PackedView& w, const int8_t* q, int64_t n, int32_t* 
 }
 
 void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
-    // One block at a time with the 256-bit plane decoders; codes = w+1 (B1: 2 - 2c).
+    // One block at a time with the 256-bit plane decoders; codes = w+1.
     switch (f) {
         case Format::I2:
             for (int64_t b = 0; b < Kp / kI2Weights; ++b) {
@@ -187,15 +181,7 @@ void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
                 for (int i = 0; i < 5; ++i) _mm256_storeu_si256((__m256i*)(codes + kT1Weights * b + 32 * i), p.get(i));
             }
             break;
-        case Format::B1:
-            for (int64_t b = 0; b < Kp / kB1Weights; ++b) {
-                const Planes<Format::B1, __m256i> p(load256(row + 32 * b));
-                for (int i = 0; i < 8; ++i) {
-                    const __m256i c = p.get(i);
-                    _mm256_storeu_si256((__m256i*)(codes + kB1Weights * b + 32 * i),
-                                        _mm256_sub_epi8(_mm256_set1_epi8(2), _mm256_add_epi8(c, c)));
-                }
-            }
+        case Format::B1:  // never called: B1 runs the AVX2 kernels (kTableAVX512 below)
             break;
     }
 }
@@ -280,10 +266,12 @@ void f32_avx512(const PackedView& w, const F32Acts& a, const float* wscale, cons
 
 }  // namespace
 
+// B1 runs the AVX2 table-lookup kernels (AVX-512 CPUs have AVX2): they are memory-bound already.
 const KernelTable kTableAVX512 = {
-    {a8_avx512<Format::I2>, a8_avx512<Format::T1>, a8_avx512<Format::B1>},
-    {f32_avx512<Format::I2>, f32_avx512<Format::T1>, f32_avx512<Format::B1>},
+    {a8_avx512<Format::I2>, a8_avx512<Format::T1>, a8_b1_avx2},
+    {f32_avx512<Format::I2>, f32_avx512<Format::T1>, f32_b1_avx2},
     quantize_avx2,  // AVX-512 CPUs have AVX2; the quantizer is a small part of a matmul
+    {nullptr, nullptr, a8_b1_prep_avx2},
 };
 
 }  // namespace bitllm

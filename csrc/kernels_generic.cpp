@@ -29,12 +29,8 @@ void decode_row_codes_generic(Format f, const uint8_t* row, int64_t Kp, uint8_t*
             }
             break;
         case Format::B1:
-            for (int64_t b = 0; b < Kp / kB1Weights; ++b) {
-                const uint8_t* qs = row + 32 * b;
-                uint8_t* c = codes + kB1Weights * b;
-                for (int i = 0; i < 8; ++i)
-                    for (int j = 0; j < 32; ++j) c[32 * i + j] = ((qs[j] >> i) & 1) ? 0 : 2;
-            }
+            for (int64_t p = 0; p < Kp / 8; ++p)
+                for (int i = 0; i < 8; ++i) codes[8 * p + i] = ((row[p] >> i) & 1) ? 0 : 2;
             break;
     }
 }
@@ -45,9 +41,9 @@ void decode_row_codes_generic(Format f, const uint8_t* row, int64_t Kp, uint8_t*
 
 static void a8_generic(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias,
                        float* out, int64_t n0, int64_t n1) {
-    std::vector<uint8_t> codes((size_t)w.Kp);  // (Kp,) codes of one row
+    std::vector<uint8_t> codes((size_t)w.Kp), buf((size_t)w.row_bytes);  // one row: codes, bytes
     for (int64_t n = n0; n < n1; ++n) {
-        decode_row_codes_generic(w.fmt, w.data + n * w.row_bytes, w.Kp, codes.data());
+        decode_row_codes_generic(w.fmt, row_of(w, n, buf.data()), w.Kp, codes.data());
         for (int64_t m = 0; m < a.M; ++m) {
             const int8_t* q = a.q + m * a.ldq;
             int32_t s = 0;
@@ -63,9 +59,9 @@ static void a8_generic(const PackedView& w, const A8Acts& a, const float* wscale
 
 static void f32_generic(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias,
                         float* out, int64_t n0, int64_t n1) {
-    std::vector<uint8_t> codes((size_t)w.Kp);  // (Kp,)
+    std::vector<uint8_t> codes((size_t)w.Kp), buf((size_t)w.row_bytes);  // one row: codes, bytes
     for (int64_t n = n0; n < n1; ++n) {
-        decode_row_codes_generic(w.fmt, w.data + n * w.row_bytes, w.Kp, codes.data());
+        decode_row_codes_generic(w.fmt, row_of(w, n, buf.data()), w.Kp, codes.data());
         for (int64_t m = 0; m < a.M; ++m) {
             const float* x = a.x + m * a.ldx;
             float lane[16];

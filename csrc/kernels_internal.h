@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "kernels.h"
 
@@ -34,13 +35,24 @@ struct BlockT1 {
 static_assert(sizeof(BlockT1) == 32, "T1 block: 160 weights, 1.6 bits each");
 constexpr int kT1Weights = 160;
 
-// B1: 256 binary weights in 32 bytes = 1.0 bit/weight.
-// Byte j, bit i holds c = 1 if w = -1 (0 if w = +1) for weight k = 32*i + j.
+// B1: 256 binary weights in 32 bytes = 1.0 bit/weight, rows interleaved in tiles of 16.
+// Byte p of a row, bit i holds c = 1 if w = -1 (0 if w = +1) for weight k = 8*p + i (the file
+// layout's order). Rows are not stored one after another: the rows 16t..16t+15 form a tile of
+// 16*row_bytes bytes in which byte p of row 16t+r sits at 16*p + r, so one 32-byte load holds bytes
+// p and p+1 of 16 rows — the shape a pshufb table lookup wants (kernels_avx2.cpp, "B1 LUT"). The
+// last tile is padded with zero rows (never written out).
 struct BlockB1 {
     uint8_t qs[32];
 };
 static_assert(sizeof(BlockB1) == 32, "B1 block: 256 weights, 1 bit each");
 constexpr int kB1Weights = 256;
+constexpr int64_t kTileRows = 16;  // rows per tile of the tiled formats (B1)
+
+inline bool is_tiled(Format f) { return f == Format::B1; }
+// Rows the packed matrix holds: N, or N rounded up to whole tiles.
+inline int64_t stored_rows(Format f, int64_t N) {
+    return is_tiled(f) ? (N + kTileRows - 1) / kTileRows * kTileRows : N;
+}
 
 inline int t1_pos(int j) {
     const int h = j >> 4, r = j & 15;
@@ -70,6 +82,7 @@ struct A8Acts {
     const int32_t* qsum;  // (M,)
     const float* xscale;  // (M,)
     int64_t M;
+    const uint8_t* lut = nullptr;  // what the table's a8_prep built from q (shared by the row threads)
 };
 
 struct F32Acts {
@@ -87,10 +100,15 @@ using F32Fn = void (*)(const PackedView& w, const F32Acts& a, const float* wscal
 using QuantFn = void (*)(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int64_t ldq,
                         float* scale, int32_t* sums);
 
+// Optional, run once per gemm_a8 call before the row threads start (LUT kernels build their
+// activation tables here, into `scratch`, and point a.lut at them).
+using A8PrepFn = void (*)(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch);
+
 struct KernelTable {
     A8Fn a8[kNumFormats];
     F32Fn f32[kNumFormats];
     QuantFn quantize;  // the pinned activation quantizer (nullptr: the scalar one)
+    A8PrepFn a8_prep[kNumFormats] = {nullptr, nullptr, nullptr};
 };
 
 // The scalar quantizer (reference); every variant's quantizer is bit-exact with it.
@@ -135,5 +153,23 @@ inline float f32_tree16(const float* l) {
 
 // Scalar decode of one packed row into codes w+1 ∈ {0,1,2} (B1: 0 for -1, 2 for +1), Kp entries.
 void decode_row_codes_generic(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes);
+
+// Row n's row_bytes bytes in row order: a pointer into the matrix for the row-major formats, or
+// `buf` (row_bytes long) gathered from the row's tile for the tiled ones.
+inline const uint8_t* row_of(const PackedView& w, int64_t n, uint8_t* buf) {
+    if (!is_tiled(w.fmt)) return w.data + n * w.row_bytes;
+    const uint8_t* t = w.data + (n / kTileRows) * kTileRows * w.row_bytes + (n % kTileRows);
+    for (int64_t p = 0; p < w.row_bytes; ++p) buf[p] = t[kTileRows * p];
+    return buf;
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+// B1 through pshufb tables (kernels_avx2.cpp): the AVX-512 table uses them too.
+void a8_b1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch);
+void a8_b1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+                int64_t n0, int64_t n1);
+void f32_b1_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,
+                 int64_t n0, int64_t n1);
+#endif
 
 }  // namespace bitllm

@@ -45,16 +45,20 @@ void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
                 }
             break;
         }
-        case Format::B1:
-            for (int64_t b = 0; b < Kp / kB1Weights; ++b)
-                for (int h = 0; h < 2; ++h) {
-                    const uint8x16_t v = vld1q_u8(row + 32 * b + 16 * h);
-                    for (int i = 0; i < 8; ++i) {
-                        const uint8x16_t c = vandq_u8(vshlq_u8(v, vdupq_n_s8((int8_t)(-i))), vdupq_n_u8(1));
-                        vst1q_u8(codes + kB1Weights * b + 32 * i + 16 * h, vsubq_u8(vdupq_n_u8(2), vaddq_u8(c, c)));
-                    }
+        case Format::B1: {
+            // 16 codes from 2 bytes: each byte copied to 8 lanes, lane i tests bit i (code 0 if set, else 2)
+            static const uint8_t kRep[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+            static const uint8_t kBit[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+            const uint8x16_t rep = vld1q_u8(kRep), bit = vld1q_u8(kBit), two = vdupq_n_u8(2);
+            for (int64_t p = 0; p < Kp / 8; p += 16) {
+                const uint8x16_t v = vld1q_u8(row + p);
+                for (int h = 0; h < 8; ++h) {
+                    const uint8x16_t r = vqtbl1q_u8(v, vaddq_u8(rep, vdupq_n_u8((uint8_t)(2 * h))));
+                    vst1q_u8(codes + 8 * p + 16 * h, vbicq_u8(two, vtstq_u8(r, bit)));
                 }
+            }
             break;
+        }
     }
 }
 
@@ -88,9 +92,9 @@ inline int32_t dot_codes(const uint8_t* c, const int8_t* q, int64_t Kp) {
 template <Format F>
 void a8_neon(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
              int64_t n0, int64_t n1) {
-    std::vector<uint8_t> codes((size_t)w.Kp);  // (Kp,) one decoded row, reused for every m
+    std::vector<uint8_t> codes((size_t)w.Kp), buf((size_t)w.row_bytes);  // one decoded row, reused for every m
     for (int64_t n = n0; n < n1; ++n) {
-        decode_codes(F, w.data + n * w.row_bytes, w.Kp, codes.data());
+        decode_codes(F, row_of(w, n, buf.data()), w.Kp, codes.data());
         for (int64_t m = 0; m < a.M; ++m) {
             const int32_t s = dot_codes(codes.data(), a.q + m * a.ldq, w.Kp) - a.qsum[m];
             out[m * w.N + n] = a8_epilogue(s, a.xscale[m], wscale[n], bias, n);
@@ -110,9 +114,9 @@ inline float32x4_t signed_select(uint8x8_t c4x2, int half, float32x4_t x) {
 template <Format F>
 void f32_neon(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,
               int64_t n0, int64_t n1) {
-    std::vector<uint8_t> codes((size_t)w.Kp);  // (Kp,)
+    std::vector<uint8_t> codes((size_t)w.Kp), buf((size_t)w.row_bytes);  // one row: codes, bytes
     for (int64_t n = n0; n < n1; ++n) {
-        decode_codes(F, w.data + n * w.row_bytes, w.Kp, codes.data());
+        decode_codes(F, row_of(w, n, buf.data()), w.Kp, codes.data());
         for (int64_t m = 0; m < a.M; ++m) {
             const float* x = a.x + m * a.ldx;
             // The 16 canonical lanes: l0 = k%16 in 0..3, l1 = 4..7, l2 = 8..11, l3 = 12..15.

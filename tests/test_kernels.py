@@ -141,14 +141,30 @@ def test_quantizer_property(M, K, scale, seed):
 def test_pack_unpack_roundtrip(fmt, N, K, seed):
     W = random_weights(fmt, N, K, torch.Generator().manual_seed(seed))
     p = bk.pack(fmt, W)
-    assert p.data.numel() == N * bk._core.row_bytes(fmt, K)
+    rows = -(-N // 16) * 16 if fmt == "b1" else N  # b1 interleaves rows in tiles of 16
+    assert p.data.numel() == rows * bk._core.row_bytes(fmt, K)
     assert torch.equal(p.unpack(), W)
 
 
 def test_bits_per_weight():
     for fmt, bpw in [("i2", 2.0), ("t1", 1.6), ("b1", 1.0)]:
         K = {"i2": 1280, "t1": 3200, "b1": 2560}[fmt]  # whole blocks
-        assert bk.pack(fmt, torch.zeros(2, K, dtype=torch.int8) + (1 if fmt == "b1" else 0)).bits_per_weight == bpw
+        assert bk.pack(fmt, torch.zeros(32, K, dtype=torch.int8) + (1 if fmt == "b1" else 0)).bits_per_weight == bpw
+
+
+def test_b1_kernel_layout_interleaves_tiles_of_16_rows():
+    # docs/formats.md §5: byte p of row 16t+r sits at 16*row_bytes*t + 16*p + r; its bit i is 1 iff
+    # column 8p+i is -1 (the file layout's byte); padding columns are +1 and padding rows zero.
+    N, K = 20, 300
+    W = random_weights("b1", N, K, torch.Generator().manual_seed(0))
+    rb = bk._core.row_bytes("b1", K)
+    data = bk.pack("b1", W).data.view(2, rb, 16)  # (tile, byte, row in tile)
+    bits = torch.zeros(N, rb * 8, dtype=torch.int64)
+    bits[:, :K] = (W == -1).long()
+    want = (bits.view(N, rb, 8) << torch.arange(8)).sum(-1).to(torch.uint8)  # (N, rb)
+    for n in range(N):
+        assert torch.equal(data[n // 16, :, n % 16], want[n]), n
+    assert not data[1, :, N - 16:].any()
 
 
 def test_pack_rejects_bad_input():

@@ -357,9 +357,11 @@ void Engine::set_linear_tensor(Linear& L, const std::string& what, const std::st
                                   format_name(cfg_.kernel_format));
         }
         L.packed.assign((size_t)packed_bytes(cfg_.kernel_format, L.N, L.K), 0);
-        // rows are independent: repack in row chunks, one per thread
-        const int64_t rb = row_bytes(cfg_.kernel_format, L.K);
-        parallel_for(L.N, 64, [&](int64_t n0, int64_t n1, int) {
+        // rows are independent: repack in chunks of whole 16-row tiles (the tiled formats interleave
+        // the rows of a tile), one chunk per thread
+        const int64_t rb = row_bytes(cfg_.kernel_format, L.K), tiles = (L.N + 15) / 16;
+        parallel_for(tiles, 4, [&](int64_t t0, int64_t t1, int) {
+            const int64_t n0 = 16 * t0, n1 = std::min(L.N, 16 * t1);
             pack(cfg_.kernel_format, w.data() + n0 * L.K, n1 - n0, L.K, L.packed.data() + n0 * rb);
         });
         L.has_weight = true;
@@ -454,11 +456,15 @@ void Engine::set_tensor(const std::string& name, const std::string& dtype, const
     throw EngineError("unknown tensor '" + name + "' for a " + std::to_string(cfg_.layers) + "-layer model");
 }
 
-// Stack linears that share their input into one (rows one after another; the kernel layout is
-// row-major, so the packed bytes simply concatenate). The parts are emptied.
-static bool fuse(std::vector<Linear*> parts, Linear& out) {
-    for (Linear* p : parts)
+// Stack linears that share their input into one (rows one after another, so the packed bytes
+// simply concatenate — for a tiled format (B1: tiles of 16 rows) only when every part but the last
+// fills whole tiles). The parts are emptied.
+static bool fuse(std::vector<Linear*> parts, Format f, Linear& out) {
+    for (size_t i = 0; i < parts.size(); ++i) {
+        const Linear* p = parts[i];
         if (!p->norm.empty() || !p->input_factor.empty() || p->K != parts[0]->K) return false;
+        if (i + 1 < parts.size() && packed_bytes(f, p->N, p->K) != p->N * row_bytes(f, p->K)) return false;
+    }
     bool any_bias = false;
     for (Linear* p : parts) any_bias = any_bias || !p->bias.empty();
     out = Linear();
@@ -512,8 +518,8 @@ void Engine::finalize() {
     }
     if (cfg_.method != Method::OneBit)
         for (auto& L : layers_) {
-            L.fused_qkv = fuse({&L.q, &L.k, &L.v}, L.qkv);
-            if (cfg_.family != Family::Phi) L.fused_gate_up = fuse({&L.gate, &L.up}, L.gate_up);
+            L.fused_qkv = fuse({&L.q, &L.k, &L.v}, cfg_.kernel_format, L.qkv);
+            if (cfg_.family != Family::Phi) L.fused_gate_up = fuse({&L.gate, &L.up}, cfg_.kernel_format, L.gate_up);
         }
     if (cfg_.head == HeadMode::I8) {  // int8 per row: scale = max|w| / 127, q = round(w / scale)
         const std::vector<uint16_t>& src = cfg_.tied ? embed_ : head16_;

@@ -173,13 +173,22 @@ int main() {
         std::vector<float> x((size_t)(M * K)), ws((size_t)N, 1.0f), o1((size_t)(M * N)), o2((size_t)(M * N));
         std::normal_distribution<float> nd(0.0f, 1.0f);
         for (auto& v : x) v = nd(rng);
+        // A8 with one activation row: the GEMV paths (B1: one table per call, read by every thread)
+        std::vector<int8_t> q((size_t)K);
+        float xs;
+        int32_t qs;
+        quantize_activations(x.data(), 1, K, K, q.data(), K, &xs, &qs);
+        std::vector<float> a1((size_t)N), a2((size_t)N);
         set_num_threads(1);
         gemm_f32(f, p.data(), N, K, x.data(), K, M, ws.data(), nullptr, o1.data());
+        gemm_a8(f, p.data(), N, K, q.data(), K, &xs, &qs, 1, ws.data(), nullptr, a1.data());
         for (int nt : {2, 3}) {
             set_num_threads(nt);
             for (int rep = 0; rep < 20; ++rep) {
                 gemm_f32(f, p.data(), N, K, x.data(), K, M, ws.data(), nullptr, o2.data());
                 CHECK(o1 == o2, "threads=%d changed gemm_f32 %s", nt, format_name(f));
+                gemm_a8(f, p.data(), N, K, q.data(), K, &xs, &qs, 1, ws.data(), nullptr, a2.data());
+                CHECK(a1 == a2, "threads=%d changed gemm_a8 %s", nt, format_name(f));
             }
         }
     }
