@@ -353,9 +353,11 @@ int64_t block_weights(Format f) {
     }
     return 0;
 }
-int64_t block_bytes(Format) { return 32; }
+int64_t block_bytes(Format f) { return f == Format::T1 ? (int64_t)sizeof(BlockT1) : 32; }
 int64_t padded_k(Format f, int64_t K) {
-    const int64_t b = block_weights(f);
+    // T1: whole pairs of 48-column blocks, so that Kp is also a multiple of 32 (the byte-code GEMM
+    // runs 32 columns per maddubs)
+    const int64_t b = f == Format::T1 ? 2 * kT1Weights : block_weights(f);
     return std::max<int64_t>(1, (K + b - 1) / b) * b;
 }
 int64_t row_bytes(Format f, int64_t K) { return padded_k(f, K) / block_weights(f) * block_bytes(f); }
@@ -372,44 +374,44 @@ int64_t find_invalid_weight(Format f, const int8_t* w, int64_t count) {
 
 void pack(Format f, const int8_t* w, int64_t N, int64_t K, uint8_t* out) {
     const int64_t Kp = padded_k(f, K), rb = row_bytes(f, K);
-    std::vector<uint8_t> codes((size_t)Kp);  // (Kp,) codes w+1 of one row, padding = weight 0 (+1 for B1)
-    std::vector<uint8_t> tiled;              // (rb,) one row of a tiled format before it is interleaved
-    if (is_tiled(f)) {
-        tiled.resize((size_t)rb);
-        // a partial last tile: zero first (its padding rows stay zero; the real rows are written below)
-        const int64_t full = N / kTileRows * kTileRows;
-        std::memset(out + full * rb, 0, (size_t)((stored_rows(f, N) - full) * rb));
-    }
-    for (int64_t n = 0; n < N; ++n) {
-        const int8_t* wr = w + n * K;
-        uint8_t* o = is_tiled(f) ? tiled.data() : out + n * rb;
-        for (int64_t k = 0; k < Kp; ++k) codes[k] = k < K ? uint8_t(wr[k] + 1) : (f == Format::B1 ? 2 : 1);
-        std::memset(o, 0, (size_t)rb);
-        switch (f) {
-            case Format::I2:
-                for (int64_t b = 0; b < Kp / kI2Weights; ++b)
-                    for (int i = 0; i < 4; ++i)
-                        for (int j = 0; j < 32; ++j)
-                            o[32 * b + j] |= uint8_t(codes[kI2Weights * b + 32 * i + j] << (2 * i));
-                break;
-            case Format::T1:
-                for (int64_t b = 0; b < Kp / kT1Weights; ++b)
-                    for (int j = 0; j < 32; ++j) {
-                        uint32_t v = 0;
-                        for (int n = 0; n < 5; ++n) v = v * 3 + codes[kT1Weights * b + 32 * n + t1_pos(j)];
-                        o[32 * b + j] = uint8_t((v * 256 + 242) / 243);  // ceil(v·256/243)
+    // padding rows of a partial last tile stay zero (T1 interleaves the last tile with the others)
+    if (is_tiled(f)) std::memset(out, 0, (size_t)packed_bytes(f, N, K));
+    // rows are independent (each writes its own bytes): on the pool, in chunks of rows
+    parallel_for(N, 64, [&](int64_t n0, int64_t n1, int) {
+        std::vector<uint8_t> codes((size_t)Kp);  // (Kp,) codes w+1 of one row, padding = weight 0 (+1 for B1)
+        std::vector<uint8_t> tiled;              // (rb,) one row of a tiled format before it is interleaved
+        if (is_tiled(f)) tiled.resize((size_t)rb);
+        for (int64_t n = n0; n < n1; ++n) {
+            const int8_t* wr = w + n * K;
+            uint8_t* o = is_tiled(f) ? tiled.data() : out + n * rb;
+            for (int64_t k = 0; k < Kp; ++k) codes[k] = k < K ? uint8_t(wr[k] + 1) : (f == Format::B1 ? 2 : 1);
+            std::memset(o, 0, (size_t)rb);
+            switch (f) {
+                case Format::I2:
+                    for (int64_t b = 0; b < Kp / kI2Weights; ++b)
+                        for (int i = 0; i < 4; ++i)
+                            for (int j = 0; j < 32; ++j)
+                                o[32 * b + j] |= uint8_t(codes[kI2Weights * b + 32 * i + j] << (2 * i));
+                    break;
+                case Format::T1:
+                    for (int64_t b = 0; b < Kp / kT1Weights; ++b) {
+                        uint8_t* blk = o + (int64_t)sizeof(BlockT1) * b;
+                        for (int g = 0; g < 16; ++g) {
+                            const uint8_t* c = &codes[kT1Weights * b + 3 * g];
+                            const int v = c[0] + 3 * c[1] + 9 * c[2];
+                            blk[2 * (g >> 2) + (g & 1)] |= uint8_t((v & 15) << (4 * ((g >> 1) & 1)));
+                            blk[8 + (g & 1)] |= uint8_t((v >> 4) << (g >> 1));
+                        }
                     }
-                break;
-            case Format::B1:
-                for (int64_t p = 0; p < rb; ++p)
-                    for (int i = 0; i < 8; ++i) o[p] |= uint8_t((codes[8 * p + i] == 0 ? 1 : 0) << i);
-                break;
+                    break;
+                case Format::B1:
+                    for (int64_t p = 0; p < rb; ++p)
+                        for (int i = 0; i < 8; ++i) o[p] |= uint8_t((codes[8 * p + i] == 0 ? 1 : 0) << i);
+                    break;
+            }
+            if (is_tiled(f)) store_row(f, N, Kp, n, o, out);
         }
-        if (is_tiled(f)) {
-            uint8_t* t = out + (n / kTileRows) * kTileRows * rb + (n % kTileRows);
-            for (int64_t p = 0; p < rb; ++p) t[kTileRows * p] = o[p];
-        }
-    }
+    });
 }
 
 void unpack(Format f, const uint8_t* packed, int64_t N, int64_t K, int8_t* out) {

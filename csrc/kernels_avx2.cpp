@@ -41,43 +41,6 @@ inline __m256i i2_block_dot(__m256i v, const int8_t* q) {
     return s;
 }
 
-// T1 digit plane n of a block: with a = (b·3^n) mod 256 held as a<<8 in 16-bit lanes (one
-// _mm256_mullo_epi16), the digit floor(3a/256) is _mm256_mulhi_epu16(a<<8, 3). Even and odd bytes
-// go through separate 16-bit lanes and packus_epi16 interleaves them back (see t1_pos).
-template <int N>
-inline __m256i t1_plane(__m256i xe, __m256i xo) {
-    constexpr int kPow3[5] = {1, 3, 9, 27, 81};
-    const __m256i three = _mm256_set1_epi16(3);
-    if (N > 0) {
-        const __m256i p = _mm256_set1_epi16(kPow3[N]);
-        xe = _mm256_mullo_epi16(xe, p);
-        xo = _mm256_mullo_epi16(xo, p);
-    }
-    return _mm256_packus_epi16(_mm256_mulhi_epu16(xe, three), _mm256_mulhi_epu16(xo, three));
-}
-
-// GEMV form: with X = b<<8, mulhi_epu16(X, 3^(n+1)) = floor(b·3^(n+1)/256) = V_n, the integer of
-// the first n+1 digits (< 243, exact). Digit t_n = V_n - 3·V_(n-1) is then two byte adds and a
-// subtract — one multiply per 16 weights instead of two (T1 is multiply-bound on AVX2).
-inline __m256i t1_prefix(__m256i xe, __m256i xo, short pow3) {
-    const __m256i p = _mm256_set1_epi16(pow3);
-    return _mm256_packus_epi16(_mm256_mulhi_epu16(xe, p), _mm256_mulhi_epu16(xo, p));
-}
-inline __m256i t1_block_dot(__m256i v, const int8_t* q) {
-    const __m256i xe = _mm256_slli_epi16(v, 8);
-    const __m256i xo = _mm256_and_si256(v, _mm256_set1_epi16((short)0xFF00));
-    __m256i prev = t1_prefix(xe, xo, 3);  // V_0 = t_0
-    __m256i s = _mm256_maddubs_epi16(prev, load(q));
-    const short kPow3[5] = {3, 9, 27, 81, 243};
-    for (int n = 1; n < 5; ++n) {
-        const __m256i cur = t1_prefix(xe, xo, kPow3[n]);
-        const __m256i t = _mm256_sub_epi8(cur, _mm256_add_epi8(prev, _mm256_add_epi8(prev, prev)));
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(t, load(q + 32 * n)));
-        prev = cur;
-    }
-    return s;
-}
-
 // GEMV accumulation per format: `acc` adds one block into the int16 accumulator `a` (a second
 // one, `b`, summed in after a right shift by kShiftB, is there for layouts with scaled planes),
 // widened to int32 every kGroup blocks. (Tried for I2: planes 1 and 3 as `v & 0x0C` into `b` to
@@ -90,13 +53,6 @@ struct Fmt<Format::I2> {
     static constexpr int kGroup = 8, kShiftB = 0;  // 8 x 2048 < 2^15
     static void acc(__m256i v, const int8_t* q, __m256i& a, __m256i&) { a = _mm256_add_epi16(a, i2_block_dot(v, q)); }
     static int32_t finish(int32_t s, int32_t qsum) { return s - qsum; }  // Σ(code-1)q
-};
-template <>
-struct Fmt<Format::T1> {
-    static constexpr int kW = kT1Weights;
-    static constexpr int kGroup = 8, kShiftB = 0;  // 8 x 2560 < 2^15
-    static void acc(__m256i v, const int8_t* q, __m256i& a, __m256i&) { a = _mm256_add_epi16(a, t1_block_dot(v, q)); }
-    static int32_t finish(int32_t s, int32_t qsum) { return s - qsum; }
 };
 
 // ============================================================================================
@@ -115,18 +71,8 @@ void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
                                         _mm256_and_si256(_mm256_srli_epi16(v, 2 * i), m3));
             }
             break;
-        case Format::T1:
-            for (int64_t b = 0; b < Kp / kT1Weights; ++b) {
-                const __m256i v = load(row + 32 * b);
-                const __m256i xe = _mm256_slli_epi16(v, 8);
-                const __m256i xo = _mm256_and_si256(v, _mm256_set1_epi16((short)0xFF00));
-                uint8_t* c = codes + kT1Weights * b;
-                _mm256_storeu_si256((__m256i*)(c + 0), t1_plane<0>(xe, xo));
-                _mm256_storeu_si256((__m256i*)(c + 32), t1_plane<1>(xe, xo));
-                _mm256_storeu_si256((__m256i*)(c + 64), t1_plane<2>(xe, xo));
-                _mm256_storeu_si256((__m256i*)(c + 96), t1_plane<3>(xe, xo));
-                _mm256_storeu_si256((__m256i*)(c + 128), t1_plane<4>(xe, xo));
-            }
+        case Format::T1:  // table lookups in the GEMV; GEMM and F32 decode rows with the scalar code
+            decode_row_codes_generic(f, row, Kp, codes);
             break;
         case Format::B1: {
             // 32 codes from 4 bytes: byte k copied to lanes 8k..8k+7, lane i of each tests bit i
@@ -484,6 +430,155 @@ void b1_lut_tiles(const PackedView& w, const A8Acts& a, const float* wscale, con
     }
 }
 
+
+// ============================================================================================
+// T1 LUT: 27-entry tables of sums of 3 activations
+// ============================================================================================
+// A group of 3 columns has one of 27 codes v = c0 + 3·c1 + 9·c2 (c = w+1), so Σ c·q over the group
+// is one of 27 sums of its 3 activations (|T| <= 768, int16; the offset Σq is removed once per row
+// at the end, as for I2). Two 16-entry tables, TA (v = 0..15) and TB (v = 16..26), each as low and
+// high bytes, are looked up with the nibble of v; its high bit, stored apart, picks TA or TB per
+// byte (blendv, whose mask is the high-bit byte shifted so that the index vector's bit is bit 7).
+// Per 96 weight-rows (16 rows x 2 groups): 1.5 ops for the nibbles, 1 shift, 4 pshufb, 2 blendv,
+// 2 unpacks, 2 adds. Tables per 48-column block: 8 index vectors x [TA low | TA high | TB low |
+// TB high] x 32 bytes (lane 0: group 2i, lane 1: group 2i+1) = 1 KB, so the kernel walks K in
+// chunks of kT1ChunkBlocks blocks (16 KB of tables, in L1) and, inside a chunk, every tile of its
+// rows — which the layout stores one after another (kernels_internal.h).
+constexpr int64_t kT1LutBlockBytes = 8 * 128;
+constexpr int64_t kT1TileBlockBytes = kTileRows * (int64_t)sizeof(BlockT1);  // 160
+constexpr int kT1LutGroup = 5;  // blocks per int16 run: 8 lookups of |T| <= 768 per block, 40·768 < 2^15
+constexpr int64_t kT1LutPrefetch = 2048;
+constexpr int64_t kT1LutMaxRows = 16;  // activation rows served by tables (more: the decoded-tile GEMM)
+
+struct T1Coef {
+    __m256i c01[4], c2[4];  // maddubs weights of (a, b) and (c, 0) for the entries e = 8k .. 8k+7
+};
+inline const T1Coef& t1_coef() {
+    static const T1Coef kCoef = [] {
+        T1Coef t;
+        alignas(32) int8_t x[32], y[32];
+        for (int k = 0; k < 4; ++k) {
+            for (int j = 0; j < 32; j += 2) {
+                const int e = 8 * k + (j & 15) / 2;  // entries e >= 27 are never looked up
+                x[j] = int8_t(e % 3), x[j + 1] = int8_t(e / 3 % 3);
+                y[j] = int8_t(e / 9), y[j + 1] = 0;
+            }
+            t.c01[k] = _mm256_load_si256((const __m256i*)x);
+            t.c2[k] = _mm256_load_si256((const __m256i*)y);
+        }
+        return t;
+    }();
+    return kCoef;
+}
+
+// Tables of one activation row (qp: Kp bytes plus 16 readable ones) for nb blocks.
+void t1_build_tables(const int8_t* qp, int64_t nb, uint8_t* lut) {
+    const T1Coef& k = t1_coef();
+    const __m256i ab = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                        3, 4, 3, 4, 3, 4, 3, 4, 3, 4, 3, 4, 3, 4, 3, 4);
+    const __m256i cz = _mm256_setr_epi8(2, -128, 2, -128, 2, -128, 2, -128, 2, -128, 2, -128, 2, -128, 2, -128,
+                                        5, -128, 5, -128, 5, -128, 5, -128, 5, -128, 5, -128, 5, -128, 5, -128);
+    const __m256i lo8 = _mm256_set1_epi16(0x00FF);
+    for (int64_t b = 0; b < nb; ++b)
+        for (int i = 0; i < 8; ++i) {
+            const __m256i qb =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(qp + kT1Weights * b + 6 * i)));
+            const __m256i pab = _mm256_shuffle_epi8(qb, ab), pcz = _mm256_shuffle_epi8(qb, cz);
+            __m256i e[4];
+            for (int j = 0; j < 4; ++j)
+                e[j] = _mm256_add_epi16(_mm256_maddubs_epi16(k.c01[j], pab), _mm256_maddubs_epi16(k.c2[j], pcz));
+            uint8_t* dst = lut + kT1LutBlockBytes * b + 128 * i;
+            for (int h = 0; h < 2; ++h) {  // TA from entries 0..15, TB from 16..31
+                const __m256i lo = _mm256_packus_epi16(_mm256_and_si256(e[2 * h], lo8), _mm256_and_si256(e[2 * h + 1], lo8));
+                const __m256i hi = _mm256_packs_epi16(_mm256_srai_epi16(e[2 * h], 8), _mm256_srai_epi16(e[2 * h + 1], 8));
+                _mm256_store_si256((__m256i*)(dst + 64 * h), lo);
+                _mm256_store_si256((__m256i*)(dst + 64 * h + 32), hi);
+            }
+        }
+}
+
+inline void t1_lookup(__m256i nib, __m256i msk, const uint8_t* tb, __m256i& a0, __m256i& a1) {
+    const __m256i l = _mm256_blendv_epi8(_mm256_shuffle_epi8(load(tb), nib), _mm256_shuffle_epi8(load(tb + 64), nib), msk);
+    const __m256i h = _mm256_blendv_epi8(_mm256_shuffle_epi8(load(tb + 32), nib), _mm256_shuffle_epi8(load(tb + 96), nib), msk);
+    a0 = _mm256_add_epi16(a0, _mm256_unpacklo_epi8(l, h));
+    a1 = _mm256_add_epi16(a1, _mm256_unpackhi_epi8(l, h));
+}
+
+// cb blocks of one tile (tp) against MB activation rows (tables lut_stride apart): adds Σ c·q of
+// the tile's rows into acc[m * acc_stride + r].
+template <int MB>
+inline void t1_lut_tile(const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t lut_stride, bool prefetch,
+                        int32_t* acc, int64_t acc_stride) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256i r0[MB], r1[MB];  // int32 sums of rows 0-7 and 8-15
+    for (int m = 0; m < MB; ++m) r0[m] = r1[m] = _mm256_setzero_si256();
+    for (int64_t b0 = 0; b0 < cb; b0 += kT1LutGroup) {
+        __m256i a0[MB], a1[MB];  // int16: rows 0-7, rows 8-15 (lane 0: group 2i, lane 1: group 2i+1)
+        for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_si256();
+        for (int64_t b = b0; b < std::min<int64_t>(cb, b0 + kT1LutGroup); ++b) {
+            const uint8_t* blk = tp + kT1TileBlockBytes * b;
+            if (prefetch)
+                for (int o = 0; o < kT1TileBlockBytes; o += 64) _mm_prefetch((const char*)blk + kT1LutPrefetch + o, _MM_HINT_T0);
+            const __m256i hb = load(blk + 128);
+            for (int u = 0; u < 4; ++u) {
+                const __m256i v = load(blk + 32 * u);
+                const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                const __m256i mlo = _mm256_slli_epi16(hb, 7 - 2 * u), mhi = _mm256_slli_epi16(hb, 6 - 2 * u);
+                for (int m = 0; m < MB; ++m) {
+                    const uint8_t* tb = lut + m * lut_stride + kT1LutBlockBytes * b + 256 * u;
+                    t1_lookup(lo, mlo, tb, a0[m], a1[m]);
+                    t1_lookup(hi, mhi, tb + 128, a0[m], a1[m]);
+                }
+            }
+        }
+        for (int m = 0; m < MB; ++m) {
+            r0[m] = _mm256_add_epi32(r0[m], _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a0[m])),
+                                                             _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a0[m], 1))));
+            r1[m] = _mm256_add_epi32(r1[m], _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a1[m])),
+                                                             _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a1[m], 1))));
+        }
+    }
+    for (int m = 0; m < MB; ++m) {
+        int32_t* o = acc + m * acc_stride;
+        _mm256_storeu_si256((__m256i*)o, _mm256_add_epi32(load(o), r0[m]));
+        _mm256_storeu_si256((__m256i*)(o + 8), _mm256_add_epi32(load(o + 8), r1[m]));
+    }
+}
+
+// Rows [n0, n1) (whole tiles but the last) for the M <= 16 activation rows: K chunk by K chunk,
+// every tile of the rows, activation rows in groups of <= 4.
+void t1_lut_rows(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+                 int64_t n0, int64_t n1) {
+    const int64_t nb = w.Kp / kT1Weights, tiles = stored_rows(w.fmt, w.N) / kTileRows;
+    const int64_t t0 = n0 / kTileRows, t1 = (n1 + kTileRows - 1) / kTileRows, rows = (t1 - t0) * kTileRows;
+    const int64_t lut_stride = nb * kT1LutBlockBytes;
+    const int64_t groups = (a.M + 3) / 4, base = a.M / groups, extra = a.M % groups;
+    std::vector<int32_t> acc((size_t)(a.M * rows), 0);  // (M, rows) Σ c·q
+    for (int64_t c0 = 0; c0 < nb; c0 += kT1ChunkBlocks) {
+        const int64_t cb = std::min<int64_t>(kT1ChunkBlocks, nb - c0);
+        const uint8_t* chunk = w.data + (c0 * tiles + t0 * cb) * kT1TileBlockBytes;  // this chunk of tile t0
+        for (int64_t t = t0; t < t1; ++t) {
+            const uint8_t* tp = chunk + (t - t0) * cb * kT1TileBlockBytes;
+            for (int64_t g = 0, m0 = 0; g < groups; ++g) {
+                const int mb = (int)(base + (g < extra));
+                const uint8_t* lut = a.lut + m0 * lut_stride + c0 * kT1LutBlockBytes;
+                int32_t* o = &acc[m0 * rows + (t - t0) * kTileRows];
+                switch (mb) {
+                    case 4: t1_lut_tile<4>(tp, cb, lut, lut_stride, g == 0, o, rows); break;
+                    case 3: t1_lut_tile<3>(tp, cb, lut, lut_stride, g == 0, o, rows); break;
+                    case 2: t1_lut_tile<2>(tp, cb, lut, lut_stride, g == 0, o, rows); break;
+                    default: t1_lut_tile<1>(tp, cb, lut, lut_stride, g == 0, o, rows); break;
+                }
+                m0 += mb;
+            }
+        }
+    }
+    for (int64_t m = 0; m < a.M; ++m)
+        for (int64_t n = n0; n < n1; ++n)
+            out[m * w.N + n] = a8_epilogue(acc[m * rows + n - t0 * kTileRows] - a.qsum[m], a.xscale[m], wscale[n],
+                                           bias, n);
+}
+
 }  // namespace
 
 // ============================================================================================
@@ -539,6 +634,33 @@ void quantize_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q,
 }
 
 
+// ---- T1 entry points (also in the AVX-512 table) ----
+
+void a8_t1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
+    if (a.M > kT1LutMaxRows) return;  // more activation rows: the decoded-tile GEMM (no tables)
+    const int64_t nb = w.Kp / kT1Weights, lut_stride = nb * kT1LutBlockBytes;
+    scratch.resize((size_t)(a.M * lut_stride + 32 + w.Kp + 16));
+    uint8_t* lut = scratch.data() + ((32 - (reinterpret_cast<uintptr_t>(scratch.data()) & 31)) & 31);
+    int8_t* qp = reinterpret_cast<int8_t*>(lut + a.M * lut_stride);  // one row, 16 bytes of slack
+    std::memset(qp + w.Kp, 0, 16);
+    for (int64_t m = 0; m < a.M; ++m) {
+        std::memcpy(qp, a.q + m * a.ldq, (size_t)w.Kp);
+        t1_build_tables(qp, nb, lut + m * lut_stride);
+    }
+    a.lut = lut;
+}
+
+void a8_t1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+                int64_t n0, int64_t n1) {
+    if (a.lut) return t1_lut_rows(w, a, wscale, bias, out, n0, n1);
+    gemm_tiles(Format::T1, w, a, wscale, bias, out, n0, n1);
+}
+
+void f32_t1_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,
+                 int64_t n0, int64_t n1) {
+    f32_avx2<Format::T1>(w, a, wscale, bias, out, n0, n1);
+}
+
 // ---- B1 entry points (also in the AVX-512 table) ----
 
 void a8_b1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
@@ -575,10 +697,10 @@ void f32_b1_avx2(const PackedView& w, const F32Acts& a, const float* wscale, con
 }
 
 const KernelTable kTableAVX2 = {
-    {a8_avx2<Format::I2>, a8_avx2<Format::T1>, a8_b1_avx2},
-    {f32_avx2<Format::I2>, f32_avx2<Format::T1>, f32_b1_avx2},
+    {a8_avx2<Format::I2>, a8_t1_avx2, a8_b1_avx2},
+    {f32_avx2<Format::I2>, f32_t1_avx2, f32_b1_avx2},
     quantize_avx2,
-    {nullptr, nullptr, a8_b1_prep_avx2},
+    {nullptr, a8_t1_prep_avx2, a8_b1_prep_avx2},
 };
 
 }  // namespace bitllm

@@ -85,7 +85,7 @@ struct Ops<__m256i> {
     static __m256i sub8(__m256i a, __m256i b) { return _mm256_sub_epi8(a, b); }
 };
 
-// Codes of plane i of the block(s) in v (I2: 4 planes, T1: 5). B1 runs the AVX2 LUT kernels.
+// Codes of plane i of the block(s) in v (I2: 4 planes). T1 and B1 run the AVX2 LUT kernels.
 template <Format F, class V>
 struct Planes;
 template <class V>
@@ -95,29 +95,9 @@ struct Planes<Format::I2, V> {
     explicit Planes(V x) : v(x) {}
     V get(int i) const { return Ops<V>::and_(Ops<V>::srli16(v, 2 * i), Ops<V>::set8(3)); }
 };
-// T1: V_n = mulhi_epu16(b<<8, 3^(n+1)) = floor(b·3^(n+1)/256) is the integer of the first n+1
-// digits (< 243), so t_n = V_n - 3·V_(n-1) in bytes: one multiply per 16 weights. get(n) must be
-// called for n = 0, 1, ..., 4 in order (it keeps V_(n-1)).
-template <class V>
-struct Planes<Format::T1, V> {
-    static constexpr int kN = 5, kW = kT1Weights;
-    V xe, xo;
-    mutable V prev;
-    explicit Planes(V v)
-        : xe(Ops<V>::slli16_8(v)), xo(Ops<V>::and_(v, Ops<V>::set16((short)0xFF00))), prev(v) {}
-    V get(int n) const {
-        static const short kPow3[5] = {3, 9, 27, 81, 243};
-        const V p = Ops<V>::set16(kPow3[n]);
-        const V cur = Ops<V>::packus(Ops<V>::mulhi16(xe, p), Ops<V>::mulhi16(xo, p));
-        const V t = n == 0 ? cur : Ops<V>::sub8(cur, Ops<V>::add8(prev, Ops<V>::add8(prev, prev)));
-        prev = cur;
-        return t;
-    }
-};
-
 template <Format F>
 inline int32_t finish(int32_t s, int32_t qsum) {
-    static_assert(F != Format::B1, "B1 runs the AVX2 kernels");
+    static_assert(F == Format::I2, "T1 and B1 run the AVX2 kernels");
     return s - qsum;
 }
 
@@ -176,12 +156,7 @@ void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
             }
             break;
         case Format::T1:
-            for (int64_t b = 0; b < Kp / kT1Weights; ++b) {
-                const Planes<Format::T1, __m256i> p(load256(row + 32 * b));
-                for (int i = 0; i < 5; ++i) _mm256_storeu_si256((__m256i*)(codes + kT1Weights * b + 32 * i), p.get(i));
-            }
-            break;
-        case Format::B1:  // never called: B1 runs the AVX2 kernels (kTableAVX512 below)
+        case Format::B1:  // never called: T1 and B1 run the AVX2 kernels (kTableAVX512 below)
             break;
     }
 }
@@ -266,12 +241,12 @@ void f32_avx512(const PackedView& w, const F32Acts& a, const float* wscale, cons
 
 }  // namespace
 
-// B1 runs the AVX2 table-lookup kernels (AVX-512 CPUs have AVX2): they are memory-bound already.
+// T1 and B1 run the AVX2 table-lookup kernels (AVX-512 CPUs have AVX2).
 const KernelTable kTableAVX512 = {
-    {a8_avx512<Format::I2>, a8_avx512<Format::T1>, a8_b1_avx2},
-    {f32_avx512<Format::I2>, f32_avx512<Format::T1>, f32_b1_avx2},
+    {a8_avx512<Format::I2>, a8_t1_avx2, a8_b1_avx2},
+    {f32_avx512<Format::I2>, f32_t1_avx2, f32_b1_avx2},
     quantize_avx2,  // AVX-512 CPUs have AVX2; the quantizer is a small part of a matmul
-    {nullptr, nullptr, a8_b1_prep_avx2},
+    {nullptr, a8_t1_prep_avx2, a8_b1_prep_avx2},
 };
 
 }  // namespace bitllm

@@ -22,10 +22,14 @@ void decode_row_codes_generic(Format f, const uint8_t* row, int64_t Kp, uint8_t*
             break;
         case Format::T1:
             for (int64_t b = 0; b < Kp / kT1Weights; ++b) {
-                const uint8_t* qs = row + 32 * b;
+                const uint8_t* blk = row + (int64_t)sizeof(BlockT1) * b;
                 uint8_t* c = codes + kT1Weights * b;
-                for (int n = 0; n < 5; ++n)
-                    for (int j = 0; j < 32; ++j) c[32 * n + t1_pos(j)] = (uint8_t)t1_digit(qs[j], n);
+                for (int g = 0; g < 16; ++g) {
+                    const int v = t1_code(blk, g);  // < 27 for every packed matrix
+                    c[3 * g] = uint8_t(v % 3);
+                    c[3 * g + 1] = uint8_t(v / 3 % 3);
+                    c[3 * g + 2] = uint8_t(v / 9);
+                }
             }
             break;
         case Format::B1:

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -23,17 +24,22 @@ struct BlockI2 {
 static_assert(sizeof(BlockI2) == 32, "I2 block: 128 weights, 2 bits each");
 constexpr int kI2Weights = 128;
 
-// T1: 160 ternary weights in 32 bytes = 1.6 bits/weight (5 trits per byte).
-// Byte j holds the 5 codes t_n = w+1 ∈ {0,1,2} (n = 0..4) of weights k = 32*n + t1_pos(j), stored
-// as b = ceil(v * 256 / 243) with v = Σ_n t_n * 3^(4-n) (t_0 most significant). Digit n is
-// recovered multiplication-mod-256 style: t_n = (((b * 3^n) mod 256) * 3) >> 8.
-// t1_pos interleaves even and odd bytes per 16-byte half (what AVX2 packus_epi16 produces):
-// j = 16h + r  ->  p = 16h + r/2 (r even), 16h + 8 + r/2 (r odd).
+// T1: ternary at 5 bits per 3 weights = 1.67 bits/weight (the T1 *file* format is 1.6; this
+// layout trades 4 % more bytes for table lookups, see kernels_avx2.cpp "T1 LUT"). A group of 3
+// consecutive columns 3g..3g+2 has the code v = c0 + 3·c1 + 9·c2 ∈ [0, 27), c_j = w_j + 1, stored
+// as a nibble (v & 15) and a high bit (v >> 4). A block is 48 columns (16 groups) in 10 bytes per
+// row; in row order byte j (0..7) holds the nibbles of groups 4(j/2) + (j%2) (low) and
+// 4(j/2) + 2 + (j%2) (high), bytes 8 and 9 the high bits: bit i of byte 8 + l = group 2i + l.
+// Rows are tiled by 16 like B1, and the blocks of a tile are grouped in K chunks of kT1ChunkBlocks:
+// chunk c of every tile comes before chunk c + 1 of any tile, so one thread's rows of one chunk are
+// one sequential stream while the chunk's tables stay in L1. Inside a tile-block (160 bytes) byte
+// j of row r is at 16·j + r.
 struct BlockT1 {
-    uint8_t qs[32];
+    uint8_t qs[10];
 };
-static_assert(sizeof(BlockT1) == 32, "T1 block: 160 weights, 1.6 bits each");
-constexpr int kT1Weights = 160;
+static_assert(sizeof(BlockT1) == 10, "T1 block (per row): 48 weights in 10 bytes");
+constexpr int kT1Weights = 48;
+constexpr int64_t kT1ChunkBlocks = 16;  // 768 columns per K chunk
 
 // B1: 256 binary weights in 32 bytes = 1.0 bit/weight, rows interleaved in tiles of 16.
 // Byte p of a row, bit i holds c = 1 if w = -1 (0 if w = +1) for weight k = 8*p + i (the file
@@ -46,23 +52,12 @@ struct BlockB1 {
 };
 static_assert(sizeof(BlockB1) == 32, "B1 block: 256 weights, 1 bit each");
 constexpr int kB1Weights = 256;
-constexpr int64_t kTileRows = 16;  // rows per tile of the tiled formats (B1)
+constexpr int64_t kTileRows = 16;  // rows per tile of the tiled formats (T1, B1)
 
-inline bool is_tiled(Format f) { return f == Format::B1; }
+inline bool is_tiled(Format f) { return f != Format::I2; }
 // Rows the packed matrix holds: N, or N rounded up to whole tiles.
 inline int64_t stored_rows(Format f, int64_t N) {
     return is_tiled(f) ? (N + kTileRows - 1) / kTileRows * kTileRows : N;
-}
-
-inline int t1_pos(int j) {
-    const int h = j >> 4, r = j & 15;
-    return 16 * h + ((r & 1) ? 8 + (r >> 1) : (r >> 1));
-}
-
-inline int t1_digit(uint8_t b, int n) {
-    static const int pow3[5] = {1, 3, 9, 27, 81};
-    const uint32_t a = (uint32_t(b) * uint32_t(pow3[n])) & 0xFFu;
-    return int((a * 3u) >> 8);
 }
 
 // ============================================================================================
@@ -154,17 +149,51 @@ inline float f32_tree16(const float* l) {
 // Scalar decode of one packed row into codes w+1 ∈ {0,1,2} (B1: 0 for -1, 2 for +1), Kp entries.
 void decode_row_codes_generic(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes);
 
+// Byte offset of the tile-block (tile t = rows 16t..16t+15, block b) of a tiled format: its
+// 16·block_bytes bytes hold byte j of row 16t+r at 16·j + r.
+inline int64_t tile_block_offset(Format f, int64_t N, int64_t Kp, int64_t t, int64_t b) {
+    if (f == Format::B1) return (t * (Kp / 8) + 32 * b) * kTileRows;
+    const int64_t nb = Kp / kT1Weights, tiles = stored_rows(f, N) / kTileRows;
+    const int64_t c = b / kT1ChunkBlocks, cb = std::min<int64_t>(kT1ChunkBlocks, nb - c * kT1ChunkBlocks);
+    return (c * kT1ChunkBlocks * tiles + t * cb + (b - c * kT1ChunkBlocks)) * (int64_t)sizeof(BlockT1) * kTileRows;
+}
+
 // Row n's row_bytes bytes in row order: a pointer into the matrix for the row-major formats, or
-// `buf` (row_bytes long) gathered from the row's tile for the tiled ones.
+// `buf` (row_bytes long) gathered from the row's tile-blocks for the tiled ones.
 inline const uint8_t* row_of(const PackedView& w, int64_t n, uint8_t* buf) {
     if (!is_tiled(w.fmt)) return w.data + n * w.row_bytes;
-    const uint8_t* t = w.data + (n / kTileRows) * kTileRows * w.row_bytes + (n % kTileRows);
-    for (int64_t p = 0; p < w.row_bytes; ++p) buf[p] = t[kTileRows * p];
+    const int64_t bb = w.fmt == Format::B1 ? 32 : (int64_t)sizeof(BlockT1), t = n / kTileRows, r = n % kTileRows;
+    for (int64_t b = 0; b < w.row_bytes / bb; ++b) {
+        const uint8_t* src = w.data + tile_block_offset(w.fmt, w.N, w.Kp, t, b) + r;
+        for (int64_t j = 0; j < bb; ++j) buf[b * bb + j] = src[kTileRows * j];
+    }
     return buf;
+}
+// The inverse: scatter row n (row order, row_bytes long) into a tiled matrix.
+inline void store_row(Format f, int64_t N, int64_t Kp, int64_t n, const uint8_t* row, uint8_t* data) {
+    const int64_t bb = f == Format::B1 ? 32 : (int64_t)sizeof(BlockT1), t = n / kTileRows, r = n % kTileRows;
+    const int64_t rb = Kp / (f == Format::B1 ? kB1Weights : kT1Weights) * bb;
+    for (int64_t b = 0; b < rb / bb; ++b) {
+        uint8_t* dst = data + tile_block_offset(f, N, Kp, t, b) + r;
+        for (int64_t j = 0; j < bb; ++j) dst[kTileRows * j] = row[b * bb + j];
+    }
+}
+
+// T1 row order: the nibble of group g (0..15) of a block is in byte 2(g/4) + g%2, high nibble iff
+// (g/2) is odd; its high bit is bit g/2 of byte 8 + g%2.
+inline int t1_code(const uint8_t* blk, int g) {
+    const int nib = (blk[2 * (g >> 2) + (g & 1)] >> (4 * ((g >> 1) & 1))) & 15;
+    const int hb = (blk[8 + (g & 1)] >> (g >> 1)) & 1;
+    return nib | (hb << 4);
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
-// B1 through pshufb tables (kernels_avx2.cpp): the AVX-512 table uses them too.
+// T1 and B1 through pshufb tables (kernels_avx2.cpp): the AVX-512 table uses them too.
+void a8_t1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch);
+void a8_t1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+                int64_t n0, int64_t n1);
+void f32_t1_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,
+                 int64_t n0, int64_t n1);
 void a8_b1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch);
 void a8_b1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
                 int64_t n0, int64_t n1);

@@ -357,13 +357,7 @@ void Engine::set_linear_tensor(Linear& L, const std::string& what, const std::st
                                   format_name(cfg_.kernel_format));
         }
         L.packed.assign((size_t)packed_bytes(cfg_.kernel_format, L.N, L.K), 0);
-        // rows are independent: repack in chunks of whole 16-row tiles (the tiled formats interleave
-        // the rows of a tile), one chunk per thread
-        const int64_t rb = row_bytes(cfg_.kernel_format, L.K), tiles = (L.N + 15) / 16;
-        parallel_for(tiles, 4, [&](int64_t t0, int64_t t1, int) {
-            const int64_t n0 = 16 * t0, n1 = std::min(L.N, 16 * t1);
-            pack(cfg_.kernel_format, w.data() + n0 * L.K, n1 - n0, L.K, L.packed.data() + n0 * rb);
-        });
+        pack(cfg_.kernel_format, w.data(), L.N, L.K, L.packed.data());  // on the thread pool
         L.has_weight = true;
     } else if (what == "scale") {
         const int64_t n = numel(shape);
@@ -456,14 +450,24 @@ void Engine::set_tensor(const std::string& name, const std::string& dtype, const
     throw EngineError("unknown tensor '" + name + "' for a " + std::to_string(cfg_.layers) + "-layer model");
 }
 
-// Stack linears that share their input into one (rows one after another, so the packed bytes
-// simply concatenate — for a tiled format (B1: tiles of 16 rows) only when every part but the last
-// fills whole tiles). The parts are emptied.
+// Stack linears that share their input into one (rows one after another). The row-major layout
+// (I2) concatenates its packed bytes; the tiled ones (T1, B1) are unpacked and packed again, once,
+// at load. The parts are emptied.
 static bool fuse(std::vector<Linear*> parts, Format f, Linear& out) {
-    for (size_t i = 0; i < parts.size(); ++i) {
-        const Linear* p = parts[i];
+    for (const Linear* p : parts)
         if (!p->norm.empty() || !p->input_factor.empty() || p->K != parts[0]->K) return false;
-        if (i + 1 < parts.size() && packed_bytes(f, p->N, p->K) != p->N * row_bytes(f, p->K)) return false;
+    const bool row_major = packed_bytes(f, 1, parts[0]->K) == row_bytes(f, parts[0]->K) &&
+                           packed_bytes(f, 17, parts[0]->K) == 17 * row_bytes(f, parts[0]->K);
+    std::vector<int8_t> rows;  // (Σ N, K) int8, for the tiled layouts
+    if (!row_major) {
+        int64_t n = 0;
+        for (const Linear* p : parts) n += p->N;
+        rows.resize((size_t)(n * parts[0]->K));
+        n = 0;
+        for (const Linear* p : parts) {
+            unpack(f, p->packed.data(), p->N, p->K, rows.data() + n * p->K);
+            n += p->N;
+        }
     }
     bool any_bias = false;
     for (Linear* p : parts) any_bias = any_bias || !p->bias.empty();
@@ -471,13 +475,17 @@ static bool fuse(std::vector<Linear*> parts, Format f, Linear& out) {
     out.K = parts[0]->K;
     for (Linear* p : parts) {
         out.N += p->N;
-        out.packed.insert(out.packed.end(), p->packed.begin(), p->packed.end());
+        if (row_major) out.packed.insert(out.packed.end(), p->packed.begin(), p->packed.end());
         out.wscale.insert(out.wscale.end(), p->wscale.begin(), p->wscale.end());
         if (any_bias) {
             if (p->bias.empty()) out.bias.insert(out.bias.end(), (size_t)p->N, 0.f);
             else out.bias.insert(out.bias.end(), p->bias.begin(), p->bias.end());
         }
         std::vector<uint8_t>().swap(p->packed);
+    }
+    if (!row_major) {
+        out.packed.assign((size_t)packed_bytes(f, out.N, out.K), 0);
+        pack(f, rows.data(), out.N, out.K, out.packed.data());
     }
     out.has_weight = out.has_scale = true;
     return true;

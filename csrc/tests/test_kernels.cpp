@@ -1,6 +1,6 @@
 // Standalone kernel test (no Python): every variant this CPU runs against the scalar `generic`
 // twin, bit for bit, on random odd shapes; `generic` against a direct integer reference; pack /
-// unpack round trips; the T1 digit decoder over all 243 byte values. Built and run by
+// unpack round trips. Built and run by
 // tests/test_kernels_native.py under ASan+UBSan on x86 and under qemu-aarch64 for NEON.
 // Exit status 0 = all passed. Prints one line per variant: "isa <name>: ran|skipped (...)".
 #include <algorithm>
@@ -37,16 +37,6 @@ static std::vector<int8_t> random_weights(Format f, int64_t N, int64_t K) {
     std::uniform_int_distribution<int> d(0, f == Format::B1 ? 1 : 2);
     for (auto& v : w) v = f == Format::B1 ? int8_t(d(rng) * 2 - 1) : int8_t(d(rng) - 1);
     return w;
-}
-
-static void test_t1_digits() {
-    // Every 5-trit value survives ceil(v·256/243) and the multiply-based digit extraction.
-    for (int v = 0; v < 243; ++v) {
-        const uint8_t b = uint8_t((v * 256 + 242) / 243);
-        int t[5], x = v;
-        for (int n = 4; n >= 0; --n) { t[n] = x % 3; x /= 3; }
-        for (int n = 0; n < 5; ++n) CHECK(t1_digit(b, n) == t[n], "t1 digit v=%d n=%d", v, n);
-    }
 }
 
 static void test_pack_roundtrip(Format f, int64_t N, int64_t K) {
@@ -144,7 +134,6 @@ int main() {
     for (int i = 0; i < kNumIsas; ++i)
         std::printf("isa %s: %s\n", isa_name(Isa(i)),
                     isa_supported(Isa(i)) ? "ran" : isa_compiled(Isa(i)) ? "skipped (CPU lacks it)" : "skipped (not compiled for this target)");
-    test_t1_digits();
     for (int64_t K : {1, 7, 31, 32, 33, 100, 1000, 4099}) test_quantizer(3, K, 1.0f);
     test_quantizer(2, 300, 1e-7f);
     test_quantizer(2, 300, 1e4f);

@@ -1,8 +1,8 @@
 """Thin Python wrapper over the native CPU kernels in ``bitllm._core`` (csrc/kernels.h).
 
 Formats (kernel memory layouts, byte-level spec in docs/formats.md, "Native kernels"):
-``i2`` ternary 2 bits/weight, ``t1`` ternary 1.6 bits/weight (5 trits per byte), ``b1`` binary
-1 bit/weight. Pack an int8 weight matrix W (N out-features, K in-features) once with :func:`pack`,
+``i2`` ternary 2 bits/weight, ``t1`` ternary 1.67 bits/weight (5 bits per 3 weights, for table
+lookups; the T1 *file* format is 1.6), ``b1`` binary 1 bit/weight. Pack an int8 weight matrix W (N out-features, K in-features) once with :func:`pack`,
 then call :func:`linear_a8` (W1.58A8 / W1A8: int8 activations, exact int32 accumulation) or
 :func:`linear_f32` (weight-only: fp32 activations, multiplication-free). Every ISA variant returns
 bit-identical results; ``isa=`` picks one explicitly (tests), ``BITLLM_ISA`` forces the default.
@@ -41,11 +41,11 @@ __all__ = [
 
 
 class KernelFormat(str, Enum):
-    """Kernel weight layouts (rows of 32-byte blocks; docs/formats.md "Native kernels")."""
+    """Kernel weight layouts (docs/formats.md "Native kernels")."""
 
-    I2 = "i2"  # ternary, 128 weights / 32 bytes: byte j bits 2i..2i+1 = w+1 of k = 32i + j (2.0 bpw)
-    T1 = "t1"  # ternary, 160 weights / 32 bytes: 5 base-3 digits per byte, fixed point (1.6 bpw)
-    B1 = "b1"  # binary ±1, 256 weights / 32 bytes: byte j bit i = (w == -1) of k = 32i + j (1.0 bpw)
+    I2 = "i2"  # ternary, rows of 32-byte blocks: byte j bits 2i..2i+1 = w+1 of k = 32i + j (2.0 bpw)
+    T1 = "t1"  # ternary, 3-column codes (nibble + high bit), tiles of 16 rows, K chunks (1.67 bpw)
+    B1 = "b1"  # binary ±1, byte p bit i = (w == -1) of k = 8p + i, tiles of 16 rows (1.0 bpw)
 
 
 _ALPHABET = {KernelFormat.I2: "{-1, 0, +1}", KernelFormat.T1: "{-1, 0, +1}", KernelFormat.B1: "{-1, +1}"}
