@@ -444,11 +444,8 @@ void b1_lut_tiles(const PackedView& w, const A8Acts& a, const float* wscale, con
 // TB high] x 32 bytes (lane 0: group 2i, lane 1: group 2i+1) = 1 KB, so the kernel walks K in
 // chunks of kT1ChunkBlocks blocks (16 KB of tables, in L1) and, inside a chunk, every tile of its
 // rows — which the layout stores one after another (kernels_internal.h).
-constexpr int64_t kT1LutBlockBytes = 8 * 128;
-constexpr int64_t kT1TileBlockBytes = kTileRows * (int64_t)sizeof(BlockT1);  // 160
 constexpr int kT1LutGroup = 5;  // blocks per int16 run: 8 lookups of |T| <= 768 per block, 40·768 < 2^15
 constexpr int64_t kT1LutPrefetch = 2048;
-constexpr int64_t kT1LutMaxRows = 16;  // activation rows served by tables (more: the decoded-tile GEMM)
 
 struct T1Coef {
     __m256i c01[4], c2[4];  // maddubs weights of (a, b) and (c, 0) for the entries e = 8k .. 8k+7
@@ -471,8 +468,11 @@ inline const T1Coef& t1_coef() {
     return kCoef;
 }
 
-// Tables of one activation row (qp: Kp bytes plus 16 readable ones) for nb blocks.
-void t1_build_tables(const int8_t* qp, int64_t nb, uint8_t* lut) {
+}  // namespace
+
+// Tables of one activation row (qp: Kp bytes plus 16 readable ones) for nb blocks, 1 KB per
+// block, in the AVX2 kernel's order or (avx512) the AVX-512 VBMI kernel's (kernels_avx512.cpp).
+void t1_build_tables(const int8_t* qp, int64_t nb, uint8_t* lut, bool avx512) {
     const T1Coef& k = t1_coef();
     const __m256i ab = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
                                         3, 4, 3, 4, 3, 4, 3, 4, 3, 4, 3, 4, 3, 4, 3, 4);
@@ -487,15 +487,25 @@ void t1_build_tables(const int8_t* qp, int64_t nb, uint8_t* lut) {
             __m256i e[4];
             for (int j = 0; j < 4; ++j)
                 e[j] = _mm256_add_epi16(_mm256_maddubs_epi16(k.c01[j], pab), _mm256_maddubs_epi16(k.c2[j], pcz));
-            uint8_t* dst = lut + kT1LutBlockBytes * b + 128 * i;
+            uint8_t* blk = lut + kT1LutBlockBytes * b;
             for (int h = 0; h < 2; ++h) {  // TA from entries 0..15, TB from 16..31
                 const __m256i lo = _mm256_packus_epi16(_mm256_and_si256(e[2 * h], lo8), _mm256_and_si256(e[2 * h + 1], lo8));
                 const __m256i hi = _mm256_packs_epi16(_mm256_srai_epi16(e[2 * h], 8), _mm256_srai_epi16(e[2 * h + 1], 8));
-                _mm256_store_si256((__m256i*)(dst + 64 * h), lo);
-                _mm256_store_si256((__m256i*)(dst + 64 * h + 32), hi);
+                if (!avx512) {  // [TA low | TA high | TB low | TB high] per index vector, lane = group parity
+                    _mm256_store_si256((__m256i*)(blk + 128 * i + 64 * h), lo);
+                    _mm256_store_si256((__m256i*)(blk + 128 * i + 64 * h + 32), hi);
+                    continue;
+                }
+                for (int l = 0; l < 2; ++l) {  // group g = 2i + l: its 32 entries at t1_avx512_entry()
+                    uint8_t* d = blk + t1_avx512_table_offset(2 * i + l) + 16 * h;
+                    _mm_store_si128((__m128i*)d, l ? _mm256_extracti128_si256(lo, 1) : _mm256_castsi256_si128(lo));
+                    _mm_store_si128((__m128i*)(d + 128), l ? _mm256_extracti128_si256(hi, 1) : _mm256_castsi256_si128(hi));
+                }
             }
         }
 }
+
+namespace {
 
 inline void t1_lookup(__m256i nib, __m256i msk, const uint8_t* tb, __m256i& a0, __m256i& a1) {
     const __m256i l = _mm256_blendv_epi8(_mm256_shuffle_epi8(load(tb), nib), _mm256_shuffle_epi8(load(tb + 64), nib), msk);
@@ -545,39 +555,6 @@ inline void t1_lut_tile(const uint8_t* tp, int64_t cb, const uint8_t* lut, int64
     }
 }
 
-// Rows [n0, n1) (whole tiles but the last) for the M <= 16 activation rows: K chunk by K chunk,
-// every tile of the rows, activation rows in groups of <= 4.
-void t1_lut_rows(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
-                 int64_t n0, int64_t n1) {
-    const int64_t nb = w.Kp / kT1Weights, tiles = stored_rows(w.fmt, w.N) / kTileRows;
-    const int64_t t0 = n0 / kTileRows, t1 = (n1 + kTileRows - 1) / kTileRows, rows = (t1 - t0) * kTileRows;
-    const int64_t lut_stride = nb * kT1LutBlockBytes;
-    const int64_t groups = (a.M + 3) / 4, base = a.M / groups, extra = a.M % groups;
-    std::vector<int32_t> acc((size_t)(a.M * rows), 0);  // (M, rows) Σ c·q
-    for (int64_t c0 = 0; c0 < nb; c0 += kT1ChunkBlocks) {
-        const int64_t cb = std::min<int64_t>(kT1ChunkBlocks, nb - c0);
-        const uint8_t* chunk = w.data + (c0 * tiles + t0 * cb) * kT1TileBlockBytes;  // this chunk of tile t0
-        for (int64_t t = t0; t < t1; ++t) {
-            const uint8_t* tp = chunk + (t - t0) * cb * kT1TileBlockBytes;
-            for (int64_t g = 0, m0 = 0; g < groups; ++g) {
-                const int mb = (int)(base + (g < extra));
-                const uint8_t* lut = a.lut + m0 * lut_stride + c0 * kT1LutBlockBytes;
-                int32_t* o = &acc[m0 * rows + (t - t0) * kTileRows];
-                switch (mb) {
-                    case 4: t1_lut_tile<4>(tp, cb, lut, lut_stride, g == 0, o, rows); break;
-                    case 3: t1_lut_tile<3>(tp, cb, lut, lut_stride, g == 0, o, rows); break;
-                    case 2: t1_lut_tile<2>(tp, cb, lut, lut_stride, g == 0, o, rows); break;
-                    default: t1_lut_tile<1>(tp, cb, lut, lut_stride, g == 0, o, rows); break;
-                }
-                m0 += mb;
-            }
-        }
-    }
-    for (int64_t m = 0; m < a.M; ++m)
-        for (int64_t n = n0; n < n1; ++n)
-            out[m * w.N + n] = a8_epilogue(acc[m * rows + n - t0 * kTileRows] - a.qsum[m], a.xscale[m], wscale[n],
-                                           bias, n);
-}
 
 }  // namespace
 
@@ -636,23 +613,38 @@ void quantize_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q,
 
 // ---- T1 entry points (also in the AVX-512 table) ----
 
-void a8_t1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
+void t1_prep_tables(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, bool avx512) {
     if (a.M > kT1LutMaxRows) return;  // more activation rows: the decoded-tile GEMM (no tables)
     const int64_t nb = w.Kp / kT1Weights, lut_stride = nb * kT1LutBlockBytes;
-    scratch.resize((size_t)(a.M * lut_stride + 32 + w.Kp + 16));
-    uint8_t* lut = scratch.data() + ((32 - (reinterpret_cast<uintptr_t>(scratch.data()) & 31)) & 31);
+    scratch.resize((size_t)(a.M * lut_stride + 64 + w.Kp + 16));
+    uint8_t* lut = scratch.data() + ((64 - (reinterpret_cast<uintptr_t>(scratch.data()) & 63)) & 63);
     int8_t* qp = reinterpret_cast<int8_t*>(lut + a.M * lut_stride);  // one row, 16 bytes of slack
     std::memset(qp + w.Kp, 0, 16);
     for (int64_t m = 0; m < a.M; ++m) {
         std::memcpy(qp, a.q + m * a.ldq, (size_t)w.Kp);
-        t1_build_tables(qp, nb, lut + m * lut_stride);
+        t1_build_tables(qp, nb, lut + m * lut_stride, avx512);
     }
     a.lut = lut;
 }
 
+void a8_t1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
+    t1_prep_tables(w, a, scratch, false);
+}
+
 void a8_t1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
                 int64_t n0, int64_t n1) {
-    if (a.lut) return t1_lut_rows(w, a, wscale, bias, out, n0, n1);
+    if (a.lut) {
+        auto tile = [](int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t stride, bool pf, int32_t* acc,
+                       int64_t acc_stride) {
+            switch (mb) {
+                case 4: return t1_lut_tile<4>(tp, cb, lut, stride, pf, acc, acc_stride);
+                case 3: return t1_lut_tile<3>(tp, cb, lut, stride, pf, acc, acc_stride);
+                case 2: return t1_lut_tile<2>(tp, cb, lut, stride, pf, acc, acc_stride);
+                default: return t1_lut_tile<1>(tp, cb, lut, stride, pf, acc, acc_stride);
+            }
+        };
+        return t1_table_rows(w, a, wscale, bias, out, n0, n1, tile);
+    }
     gemm_tiles(Format::T1, w, a, wscale, bias, out, n0, n1);
 }
 

@@ -239,14 +239,102 @@ void f32_avx512(const PackedView& w, const F32Acts& a, const float* wscale, cons
     }
 }
 
+
+// ============================================================================================
+// T1 through vpermi2b (VBMI): one 128-entry byte lookup serves 4 groups of 16 rows
+// ============================================================================================
+// The AVX2 kernel needs two 16-entry pshufb tables and a blend per byte plane for the 27 codes of
+// a group; vpermi2b indexes 128 bytes from two zmm, so one lookup covers 4 groups (one per 128-bit
+// slot, 32 entries each): index = code v (nibble + 16·high bit) + 32·slot. A 64-byte load holds
+// row-order bytes j..j+3 of the tile's 16 rows; its low and high nibbles are two index vectors
+// (groups g = 8(k/2) + 4(s/2) + 2(k%2) + s%2 for index vector k, slot s; kernels_internal.h). The
+// high bit of each group sits in the tile-block's bytes 8 and 9 (broadcast to both halves), bit
+// 4(k/2) + (k%2) + 2(s/2): a vptestmb mask adds 16 to those bytes. Per 192 weight-rows: ~4 ops for
+// the indices, 2 vpermi2b, 2 unpacks, 2 adds (the AVX2 kernel: ~32).
+constexpr int kT1Group = 10;  // blocks per int16 run: 4 lookups of |T| <= 768 per lane per block, 40·768 < 2^15
+constexpr int64_t kT1Prefetch = 2048;
+
+template <int MB>
+inline void t1_vbmi_tile(const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t lut_stride, bool prefetch,
+                         int32_t* acc, int64_t acc_stride) {
+    alignas(64) uint8_t slot_b[64], bit_b[4][64];
+    for (int j = 0; j < 64; ++j) {
+        const int s = j / 16;
+        slot_b[j] = uint8_t(32 * s);
+        for (int k = 0; k < 4; ++k) bit_b[k][j] = uint8_t(1u << (4 * (k >> 1) + (k & 1) + 2 * (s >> 1)));
+    }
+    const __m512i slot = load512(slot_b), m4 = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
+    __m512i bit[4];
+    for (int k = 0; k < 4; ++k) bit[k] = load512(bit_b[k]);
+    __m256i r0[MB], r1[MB];  // int32 sums of rows 0-7 and 8-15
+    for (int m = 0; m < MB; ++m) r0[m] = r1[m] = _mm256_setzero_si256();
+    for (int64_t b0 = 0; b0 < cb; b0 += kT1Group) {
+        __m512i a0[MB], a1[MB];  // int16: slot s (128-bit lane) x rows 0-7, rows 8-15
+        for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm512_setzero_si512();
+        for (int64_t b = b0; b < std::min<int64_t>(cb, b0 + kT1Group); ++b) {
+            const uint8_t* blk = tp + kT1TileBlockBytes * b;
+            if (prefetch)
+                for (int o = 0; o < kT1TileBlockBytes; o += 64) _mm_prefetch((const char*)blk + kT1Prefetch + o, _MM_HINT_T0);
+            const __m512i na = load512(blk), nc = load512(blk + 64);
+            const __m512i hb = _mm512_broadcast_i64x4(load256(blk + 128));
+            __m512i idx[4] = {_mm512_and_si512(na, m4), _mm512_and_si512(_mm512_srli_epi16(na, 4), m4),
+                              _mm512_and_si512(nc, m4), _mm512_and_si512(_mm512_srli_epi16(nc, 4), m4)};
+            for (int k = 0; k < 4; ++k) {
+                idx[k] = _mm512_or_si512(idx[k], slot);
+                idx[k] = _mm512_mask_add_epi8(idx[k], _mm512_test_epi8_mask(hb, bit[k]), idx[k], sixteen);
+            }
+            for (int m = 0; m < MB; ++m) {
+                const uint8_t* tb = lut + m * lut_stride + kT1LutBlockBytes * b;
+                for (int k = 0; k < 4; ++k) {
+                    const uint8_t* t = tb + 256 * k;
+                    const __m512i l = _mm512_permutex2var_epi8(load512(t), idx[k], load512(t + 64));
+                    const __m512i h = _mm512_permutex2var_epi8(load512(t + 128), idx[k], load512(t + 192));
+                    a0[m] = _mm512_add_epi16(a0[m], _mm512_unpacklo_epi8(l, h));
+                    a1[m] = _mm512_add_epi16(a1[m], _mm512_unpackhi_epi8(l, h));
+                }
+            }
+        }
+        for (int m = 0; m < MB; ++m)  // the 4 slots are 4 groups of the same rows
+            for (int s = 0; s < 4; ++s) {
+                r0[m] = _mm256_add_epi32(r0[m], _mm256_cvtepi16_epi32(_mm512_extracti32x4_epi32(a0[m], s)));
+                r1[m] = _mm256_add_epi32(r1[m], _mm256_cvtepi16_epi32(_mm512_extracti32x4_epi32(a1[m], s)));
+            }
+    }
+    for (int m = 0; m < MB; ++m) {
+        int32_t* o = acc + m * acc_stride;
+        _mm256_storeu_si256((__m256i*)o, _mm256_add_epi32(load256(o), r0[m]));
+        _mm256_storeu_si256((__m256i*)(o + 8), _mm256_add_epi32(load256(o + 8), r1[m]));
+    }
+}
+
+void a8_t1_prep_avx512(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
+    t1_prep_tables(w, a, scratch, true);
+}
+
+void a8_t1_avx512(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+                  int64_t n0, int64_t n1) {
+    if (!a.lut) return a8_t1_avx2(w, a, wscale, bias, out, n0, n1);  // M > 16: the decoded-tile GEMM
+    auto tile = [](int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t stride, bool pf, int32_t* acc,
+                   int64_t acc_stride) {
+        switch (mb) {
+            case 4: return t1_vbmi_tile<4>(tp, cb, lut, stride, pf, acc, acc_stride);
+            case 3: return t1_vbmi_tile<3>(tp, cb, lut, stride, pf, acc, acc_stride);
+            case 2: return t1_vbmi_tile<2>(tp, cb, lut, stride, pf, acc, acc_stride);
+            default: return t1_vbmi_tile<1>(tp, cb, lut, stride, pf, acc, acc_stride);
+        }
+    };
+    t1_table_rows(w, a, wscale, bias, out, n0, n1, tile);
+}
+
 }  // namespace
 
-// T1 and B1 run the AVX2 table-lookup kernels (AVX-512 CPUs have AVX2).
+// T1 looks up its tables with vpermi2b; B1 runs the AVX2 pshufb kernel, and the F32 forms of both
+// the AVX2 ones (AVX-512 CPUs have AVX2).
 const KernelTable kTableAVX512 = {
-    {a8_avx512<Format::I2>, a8_t1_avx2, a8_b1_avx2},
+    {a8_avx512<Format::I2>, a8_t1_avx512, a8_b1_avx2},
     {f32_avx512<Format::I2>, f32_t1_avx2, f32_b1_avx2},
     quantize_avx2,  // AVX-512 CPUs have AVX2; the quantizer is a small part of a matmul
-    {nullptr, a8_t1_prep_avx2, a8_b1_prep_avx2},
+    {nullptr, a8_t1_prep_avx512, a8_b1_prep_avx2},
 };
 
 }  // namespace bitllm

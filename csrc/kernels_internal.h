@@ -179,6 +179,40 @@ inline void store_row(Format f, int64_t N, int64_t Kp, int64_t n, const uint8_t*
     }
 }
 
+// ---- T1 table kernels (AVX2 and AVX-512): what they share ----
+constexpr int64_t kT1LutBlockBytes = 1024;  // tables per 48-column block (either kernel's order)
+constexpr int64_t kT1TileBlockBytes = kTileRows * (int64_t)sizeof(BlockT1);  // 160
+constexpr int64_t kT1LutMaxRows = 16;  // activation rows served by tables (more: the decoded-tile GEMM)
+
+// The outer loop: rows [n0, n1) (whole tiles but the last) for the M <= 16 activation rows, K chunk
+// by K chunk (the chunk's tables stay in L1), every tile of the rows (one sequential stream per
+// chunk), activation rows in groups of <= 4 per pass over a tile. tile(mb, tile_data, blocks, lut,
+// lut_stride, prefetch, acc, acc_stride) adds Σ c·q of the tile's 16 rows for mb activation rows.
+template <class TileFn>
+void t1_table_rows(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+                   int64_t n0, int64_t n1, TileFn tile) {
+    const int64_t nb = w.Kp / kT1Weights, tiles = stored_rows(w.fmt, w.N) / kTileRows;
+    const int64_t t0 = n0 / kTileRows, t1 = (n1 + kTileRows - 1) / kTileRows, rows = (t1 - t0) * kTileRows;
+    const int64_t lut_stride = nb * kT1LutBlockBytes;
+    const int64_t groups = (a.M + 3) / 4, base = a.M / groups, extra = a.M % groups;
+    std::vector<int32_t> acc((size_t)(a.M * rows), 0);  // (M, rows) Σ c·q
+    for (int64_t c0 = 0; c0 < nb; c0 += kT1ChunkBlocks) {
+        const int64_t cb = std::min<int64_t>(kT1ChunkBlocks, nb - c0);
+        const uint8_t* chunk = w.data + (c0 * tiles + t0 * cb) * kT1TileBlockBytes;  // this chunk of tile t0
+        for (int64_t t = t0; t < t1; ++t)
+            for (int64_t g = 0, m0 = 0; g < groups; ++g) {
+                const int mb = (int)(base + (g < extra));
+                tile(mb, chunk + (t - t0) * cb * kT1TileBlockBytes, cb, a.lut + m0 * lut_stride + c0 * kT1LutBlockBytes,
+                     lut_stride, g == 0, &acc[m0 * rows + (t - t0) * kTileRows], rows);
+                m0 += mb;
+            }
+    }
+    for (int64_t m = 0; m < a.M; ++m)  // Σ(c-1)q = Σ c·q - Σq
+        for (int64_t n = n0; n < n1; ++n)
+            out[m * w.N + n] = a8_epilogue(acc[m * rows + n - t0 * kTileRows] - a.qsum[m], a.xscale[m], wscale[n],
+                                           bias, n);
+}
+
 // T1 row order: the nibble of group g (0..15) of a block is in byte 2(g/4) + g%2, high nibble iff
 // (g/2) is odd; its high bit is bit g/2 of byte 8 + g%2.
 inline int t1_code(const uint8_t* blk, int g) {
@@ -188,6 +222,17 @@ inline int t1_code(const uint8_t* blk, int g) {
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
+// T1 tables for the AVX-512 VBMI kernel: per 48-column block, 4 index vectors k of 4 groups (one
+// per 128-bit slot s); group g = 8(k/2) + 4(s/2) + 2(k%2) + s%2 has its 32 entries (low bytes) at
+// 256k + 64(s/2) + 32(s%2) in the block's 1 KB, its high bytes 128 further.
+inline int64_t t1_avx512_table_offset(int g) {
+    const int k = 2 * (g >> 3) + ((g >> 1) & 1), s = 2 * ((g >> 2) & 1) + (g & 1);
+    return 256 * k + 64 * (s >> 1) + 32 * (s & 1);
+}
+// Builds the T1 tables of one activation row (qp: Kp bytes + 16 readable) in either kernel's order.
+void t1_build_tables(const int8_t* qp, int64_t nb, uint8_t* lut, bool avx512);
+// a8_prep of both T1 table kernels: tables of every activation row when M <= kT1LutMaxRows.
+void t1_prep_tables(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, bool avx512);
 // T1 and B1 through pshufb tables (kernels_avx2.cpp): the AVX-512 table uses them too.
 void a8_t1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch);
 void a8_t1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
