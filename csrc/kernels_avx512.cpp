@@ -254,6 +254,16 @@ void f32_avx512(const PackedView& w, const F32Acts& a, const float* wscale, cons
 constexpr int kT1Group = 10;  // blocks per int16 run: 4 lookups of |T| <= 768 per lane per block, 40·768 < 2^15
 constexpr int64_t kT1Prefetch = 2048;
 
+// Σ over the 4 slots (128-bit lanes) of 8 int16 lanes each, as int32 (the extract index must be an
+// immediate even in unoptimized builds: no loop)
+inline __m256i slot_sum(__m512i v) {
+    const __m256i a = _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm512_extracti32x4_epi32(v, 0)),
+                                       _mm256_cvtepi16_epi32(_mm512_extracti32x4_epi32(v, 1)));
+    const __m256i b = _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm512_extracti32x4_epi32(v, 2)),
+                                       _mm256_cvtepi16_epi32(_mm512_extracti32x4_epi32(v, 3)));
+    return _mm256_add_epi32(a, b);
+}
+
 template <int MB>
 inline void t1_vbmi_tile(const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t lut_stride, bool prefetch,
                          int32_t* acc, int64_t acc_stride) {
@@ -294,11 +304,10 @@ inline void t1_vbmi_tile(const uint8_t* tp, int64_t cb, const uint8_t* lut, int6
                 }
             }
         }
-        for (int m = 0; m < MB; ++m)  // the 4 slots are 4 groups of the same rows
-            for (int s = 0; s < 4; ++s) {
-                r0[m] = _mm256_add_epi32(r0[m], _mm256_cvtepi16_epi32(_mm512_extracti32x4_epi32(a0[m], s)));
-                r1[m] = _mm256_add_epi32(r1[m], _mm256_cvtepi16_epi32(_mm512_extracti32x4_epi32(a1[m], s)));
-            }
+        for (int m = 0; m < MB; ++m) {  // the 4 slots are 4 groups of the same rows
+            r0[m] = _mm256_add_epi32(r0[m], slot_sum(a0[m]));
+            r1[m] = _mm256_add_epi32(r1[m], slot_sum(a1[m]));
+        }
     }
     for (int m = 0; m < MB; ++m) {
         int32_t* o = acc + m * acc_stride;
