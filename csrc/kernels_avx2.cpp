@@ -337,6 +337,13 @@ void f32_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const 
 // g0..g3 = columns 16pp+4g..16pp+4g+3), 128 bytes: [low bytes of g0 | of g2], [high bytes of g0 | of
 // g2], [low g1 | low g3], [high g1 | high g3] (lane 0 | lane 1, entries e = 0..15 as bytes).
 constexpr int64_t kB1LutBytes = 128;  // table bytes per pair of row bytes
+
+// The table kernels keep 8 rows x 2 lanes of int16 sums per vector; both lanes hold the same rows
+// (two groups of columns): their sum as int32.
+inline __m256i lane_sum(__m256i v) {
+    return _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)),
+                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)));
+}
 constexpr int kB1LutGroup = 31;       // int16 lanes gain 2 lookups of |T| <= 512 per pair: 62·512 < 2^15
 constexpr int64_t kB1LutPrefetch = 2048;
 constexpr int64_t kB1LutMaxRows = 16;  // activation rows served by tables (more: the decoded-tile GEMM)
@@ -387,10 +394,8 @@ inline void b1_lut_tile(const uint8_t* t, int64_t pairs, const uint8_t* lut, int
             }
         }
         for (int m = 0; m < MB; ++m) {
-            r0[m] = _mm256_add_epi32(r0[m], _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a0[m])),
-                                                             _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a0[m], 1))));
-            r1[m] = _mm256_add_epi32(r1[m], _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a1[m])),
-                                                             _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a1[m], 1))));
+            r0[m] = _mm256_add_epi32(r0[m], lane_sum(a0[m]));
+            r1[m] = _mm256_add_epi32(r1[m], lane_sum(a1[m]));
         }
     }
     for (int m = 0; m < MB; ++m) {
@@ -542,10 +547,8 @@ inline void t1_lut_tile(const uint8_t* tp, int64_t cb, const uint8_t* lut, int64
             }
         }
         for (int m = 0; m < MB; ++m) {
-            r0[m] = _mm256_add_epi32(r0[m], _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a0[m])),
-                                                             _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a0[m], 1))));
-            r1[m] = _mm256_add_epi32(r1[m], _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a1[m])),
-                                                             _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a1[m], 1))));
+            r0[m] = _mm256_add_epi32(r0[m], lane_sum(a0[m]));
+            r1[m] = _mm256_add_epi32(r1[m], lane_sum(a1[m]));
         }
     }
     for (int m = 0; m < MB; ++m) {
