@@ -268,12 +268,10 @@ void a8_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const fl
             const int mb = (int)(base + (g < extra));
             int32_t res[4];
             const int8_t* q = a.q + m * a.ldq;
-            switch (mb) {
-                case 4: gemv_rows<F, 1, 4>(w, q, a.ldq, n, (int32_t(*)[4])res); break;
-                case 3: gemv_rows<F, 1, 3>(w, q, a.ldq, n, (int32_t(*)[3])res); break;
-                case 2: gemv_rows<F, 1, 2>(w, q, a.ldq, n, (int32_t(*)[2])res); break;
-                default: gemv_rows<F, 1, 1>(w, q, a.ldq, n, (int32_t(*)[1])res); break;
-            }
+            with_rows(mb, [&](auto k) {
+                constexpr int MB = decltype(k)::value;
+                gemv_rows<F, 1, MB>(w, q, a.ldq, n, (int32_t(*)[MB])res);
+            });
             for (int j = 0; j < mb; ++j)
                 out[(m + j) * w.N + n] = a8_epilogue(Fmt<F>::finish(res[j], a.qsum[m + j]), a.xscale[m + j],
                                                      wscale[n], bias, n);
@@ -420,12 +418,7 @@ void b1_lut_tiles(const PackedView& w, const A8Acts& a, const float* wscale, con
         for (int64_t g = 0, m0 = 0; g < groups; ++g) {
             const int mb = (int)(base + (g < extra));
             const uint8_t* lut = a.lut + m0 * lut_stride;
-            switch (mb) {
-                case 4: b1_lut_tile<4>(t, pairs, lut, lut_stride, g == 0, s); break;
-                case 3: b1_lut_tile<3>(t, pairs, lut, lut_stride, g == 0, s); break;
-                case 2: b1_lut_tile<2>(t, pairs, lut, lut_stride, g == 0, s); break;
-                default: b1_lut_tile<1>(t, pairs, lut, lut_stride, g == 0, s); break;
-            }
+            with_rows(mb, [&](auto k) { b1_lut_tile<decltype(k)::value>(t, pairs, lut, lut_stride, g == 0, s); });
             for (int j = 0; j < mb; ++j)
                 for (int64_t r = 0; r < rn; ++r)  // Σ(1-2c)q
                     out[(m0 + j) * w.N + n + r] = a8_epilogue(a.qsum[m0 + j] - 2 * s[j][r], a.xscale[m0 + j],
@@ -639,12 +632,7 @@ void a8_t1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const
     if (a.lut) {
         auto tile = [](int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t stride, bool pf, int32_t* acc,
                        int64_t acc_stride) {
-            switch (mb) {
-                case 4: return t1_lut_tile<4>(tp, cb, lut, stride, pf, acc, acc_stride);
-                case 3: return t1_lut_tile<3>(tp, cb, lut, stride, pf, acc, acc_stride);
-                case 2: return t1_lut_tile<2>(tp, cb, lut, stride, pf, acc, acc_stride);
-                default: return t1_lut_tile<1>(tp, cb, lut, stride, pf, acc, acc_stride);
-            }
+            with_rows(mb, [&](auto k) { t1_lut_tile<decltype(k)::value>(tp, cb, lut, stride, pf, acc, acc_stride); });
         };
         return t1_table_rows(w, a, wscale, bias, out, n0, n1, tile);
     }

@@ -325,12 +325,7 @@ void a8_t1_avx512(const PackedView& w, const A8Acts& a, const float* wscale, con
     if (!a.lut) return a8_t1_avx2(w, a, wscale, bias, out, n0, n1);  // M > 16: the decoded-tile GEMM
     auto tile = [](int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t stride, bool pf, int32_t* acc,
                    int64_t acc_stride) {
-        switch (mb) {
-            case 4: return t1_vbmi_tile<4>(tp, cb, lut, stride, pf, acc, acc_stride);
-            case 3: return t1_vbmi_tile<3>(tp, cb, lut, stride, pf, acc, acc_stride);
-            case 2: return t1_vbmi_tile<2>(tp, cb, lut, stride, pf, acc, acc_stride);
-            default: return t1_vbmi_tile<1>(tp, cb, lut, stride, pf, acc, acc_stride);
-        }
+        with_rows(mb, [&](auto k) { t1_vbmi_tile<decltype(k)::value>(tp, cb, lut, stride, pf, acc, acc_stride); });
     };
     t1_table_rows(w, a, wscale, bias, out, n0, n1, tile);
 }

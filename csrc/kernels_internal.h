@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -176,6 +177,18 @@ inline void store_row(Format f, int64_t N, int64_t Kp, int64_t n, const uint8_t*
     for (int64_t b = 0; b < rb / bb; ++b) {
         uint8_t* dst = data + tile_block_offset(f, N, Kp, t, b) + r;
         for (int64_t j = 0; j < bb; ++j) dst[kTileRows * j] = row[b * bb + j];
+    }
+}
+
+// Calls f(std::integral_constant<int, mb>{}) for mb = 1..4: the activation-row count of a kernel
+// template (rows handled per pass), picked at run time.
+template <class F>
+inline void with_rows(int mb, F&& f) {
+    switch (mb) {
+        case 4: return f(std::integral_constant<int, 4>{});
+        case 3: return f(std::integral_constant<int, 3>{});
+        case 2: return f(std::integral_constant<int, 2>{});
+        default: return f(std::integral_constant<int, 1>{});
     }
 }
 

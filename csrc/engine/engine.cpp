@@ -456,8 +456,8 @@ void Engine::set_tensor(const std::string& name, const std::string& dtype, const
 static bool fuse(std::vector<Linear*> parts, Format f, Linear& out) {
     for (const Linear* p : parts)
         if (!p->norm.empty() || !p->input_factor.empty() || p->K != parts[0]->K) return false;
-    const bool row_major = packed_bytes(f, 1, parts[0]->K) == row_bytes(f, parts[0]->K) &&
-                           packed_bytes(f, 17, parts[0]->K) == 17 * row_bytes(f, parts[0]->K);
+    // rows one after another: the matrix of N rows is N rows long (the tiled layouts pad to 16)
+    const bool row_major = packed_bytes(f, 1, parts[0]->K) == row_bytes(f, parts[0]->K);
     std::vector<int8_t> rows;  // (Σ N, K) int8, for the tiled layouts
     if (!row_major) {
         int64_t n = 0;
