@@ -739,7 +739,7 @@ static void rope_row(float* x, int64_t nh, int64_t hd, int64_t rd, const float* 
 // Causal attention of every new row against its sequence's cache (which already holds the rows).
 void Engine::attention(const int* ids, int n, const int64_t* offsets, const std::vector<int64_t>& pos0, int64_t l,
                        int64_t M) {
-    const int64_t nh = cfg_.heads, hd = cfg_.head_dim, kvd = cfg_.kv_heads * hd, group = cfg_.heads / cfg_.kv_heads;
+    const int64_t nh = cfg_.heads, hd = cfg_.head_dim, group = cfg_.heads / cfg_.kv_heads;
     const float scale = 1.0f / std::sqrt((float)hd);
     std::vector<int64_t> row_seq((size_t)M);  // (M,) which sequence each row belongs to
     for (int i = 0; i < n; ++i)
@@ -749,8 +749,9 @@ void Engine::attention(const int* ids, int n, const int64_t* offsets, const std:
     const int nt = get_num_threads();
     float* scores_all = grow(scores_, (int64_t)nt * maxlen);
     const int64_t work = M * nh;
-    // one (row, head) item costs ~maxlen*hd; chunks of at least ~64k of that
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, maxlen * hd));
+    // one (row, head) item costs ~maxlen*hd; chunks of at least ~8k of that (a decode step's 16-32
+    // heads split evenly over the threads from ~100 cached positions on)
+    const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, maxlen * hd));
     parallel_for(work, grain, [&](int64_t t0, int64_t t1, int tid) {
         for (int64_t t = t0; t < t1; ++t) {
             const int64_t r = t / nh, h = t % nh;
@@ -758,12 +759,13 @@ void Engine::attention(const int* ids, int n, const int64_t* offsets, const std:
             const Sequence& s = *seqs_[(size_t)ids[i]];
             const int64_t p = pos0[(size_t)i] + (r - offsets[i]);  // absolute position of row r
             const float* q = qb_.data() + r * nh * hd + h * hd;
-            const float* K = s.k.data() + l * s.cap * kvd + (h / group) * hd;
-            const float* V = s.v.data() + l * s.cap * kvd + (h / group) * hd;
+            const int64_t at = (l * cfg_.kv_heads + h / group) * s.cap * hd;  // this head's (cap, hd) block
+            const float* K = s.k.data() + at;
+            const float* V = s.v.data() + at;
             float* sc = scores_all + (int64_t)tid * maxlen;
-            dot_f32_rows(q, K, kvd, p + 1, hd, scale, sc);
+            dot_f32_rows(q, K, hd, p + 1, hd, scale, sc);
             softmax_inplace(sc, p + 1);
-            weighted_sum(sc, V, kvd, p + 1, hd, ab_.data() + r * nh * hd + h * hd);
+            weighted_sum(sc, V, hd, p + 1, hd, ab_.data() + r * nh * hd + h * hd);
         }
     });
 }
@@ -775,24 +777,33 @@ void Engine::head(const float* x, const int64_t* rows, int64_t nr, float* logits
     const bool i8 = cfg_.head == HeadMode::I8;
     bool contiguous = true;  // the forward pass passes rows 0..nr-1: 4 of them at once then
     for (int64_t i = 1; i < nr; ++i) contiguous = contiguous && rows[i] == rows[0] + i;
+    const int64_t n4 = contiguous ? nr / 4 * 4 : 0;  // rows taken 4 at a time (a batched step)
+    auto emit = [&](int64_t i, int64_t v, float y) {
+        float t = i8 ? y * head8_scale_[v] : y;
+        if (!head_bias_.empty()) t += head_bias_[v];
+        logits[i * V + v] = t;
+    };
     parallel_for(V, 256, [&](int64_t v0, int64_t v1, int) {
-        for (int64_t v = v0; v < v1; ++v) {
-            int64_t i = 0;
-            for (; contiguous && i + 4 <= nr; i += 4) {
-                float y[4];
-                if (i8) dot4_i8(head8_.data() + v * H, x + rows[i] * H, H, H, y);
-                else dot4_f16(w16 + v * H, x + rows[i] * H, H, H, y);
-                for (int j = 0; j < 4; ++j) {
-                    float t = i8 ? y[j] * head8_scale_[v] : y[j];
-                    if (!head_bias_.empty()) t += head_bias_[v];
-                    logits[(i + j) * V + v] = t;
+        for (int64_t vb = v0; vb < v1; vb += 4) {  // 4 head rows (6-12 KB) stay in L1 across the x rows
+            const int64_t ve = std::min(v1, vb + 4);
+            for (int64_t v = vb; v < ve; ++v)
+                for (int64_t i = 0; i < n4; i += 4) {
+                    float y[4];
+                    if (i8) dot4_i8(head8_.data() + v * H, x + rows[i] * H, H, H, y);
+                    else dot4_f16(w16 + v * H, x + rows[i] * H, H, H, y);
+                    for (int j = 0; j < 4; ++j) emit(i + j, v, y[j]);
                 }
-            }
-            for (; i < nr; ++i) {
+            for (int64_t i = n4; i < nr; ++i) {  // the other rows (decode: the only one): 4 head rows at once
                 const float* xr = x + rows[i] * H;
-                float y = i8 ? dot_i8(head8_.data() + v * H, xr, H) * head8_scale_[v] : dot_f16(w16 + v * H, xr, H);
-                if (!head_bias_.empty()) y += head_bias_[v];
-                logits[i * V + v] = y;
+                if (ve - vb == 4) {
+                    float y[4];
+                    if (i8) rows4_i8(head8_.data() + vb * H, H, xr, H, y);
+                    else rows4_f16(w16 + vb * H, H, xr, H, y);
+                    for (int j = 0; j < 4; ++j) emit(i, vb + j, y[j]);
+                } else {
+                    for (int64_t v = vb; v < ve; ++v)
+                        emit(i, v, i8 ? dot_i8(head8_.data() + v * H, xr, H) : dot_f16(w16 + v * H, xr, H));
+                }
             }
         }
     });
@@ -881,8 +892,11 @@ void Engine::forward(const int* ids, int n, const int32_t* tokens, const int64_t
             Sequence& s = *seqs_[(size_t)ids[i]];
             for (int64_t r = offsets[i]; r < offsets[i + 1]; ++r) {
                 const int64_t p = pos0[(size_t)i] + r - offsets[i];
-                std::memcpy(s.k.data() + (l * s.cap + p) * kvd, kb + r * kvd, (size_t)kvd * 4);
-                std::memcpy(s.v.data() + (l * s.cap + p) * kvd, vb + r * kvd, (size_t)kvd * 4);
+                for (int64_t kh = 0; kh < cfg_.kv_heads; ++kh) {
+                    const int64_t at = ((l * cfg_.kv_heads + kh) * s.cap + p) * hd;
+                    std::memcpy(s.k.data() + at, kb + r * kvd + kh * hd, (size_t)hd * 4);
+                    std::memcpy(s.v.data() + at, vb + r * kvd + kh * hd, (size_t)hd * 4);
+                }
             }
         }
         attention(ids, n, offsets, pos0, l, M);
@@ -903,17 +917,21 @@ void Engine::forward(const int* ids, int n, const int32_t* tokens, const int64_t
             if (Ly.fused_gate_up) {
                 float* z = grow(fz_, M * 2 * F);  // (M, gate F | up F)
                 linear(Ly.gate_up, h, M, z);
-                parallel_for(M * F, 65536, [&](int64_t i0, int64_t i1, int) {
-                    for (int64_t i = i0; i < i1; ++i) {
-                        const int64_t r = i / F, c = i % F;
-                        f1[i] = act_fn(cfg_.act, z[r * 2 * F + c]) * z[r * 2 * F + F + c];
+                parallel_for(M, std::max<int64_t>(1, 65536 / F), [&](int64_t r0, int64_t r1, int) {
+                    for (int64_t r = r0; r < r1; ++r) {
+                        const float* g = z + r * 2 * F;
+                        if (cfg_.act == Act::SiLU) silu_mul(g, g + F, f1 + r * F, F);
+                        else
+                            for (int64_t c = 0; c < F; ++c) f1[r * F + c] = act_fn(cfg_.act, g[c]) * g[F + c];
                     }
                 });
             } else {
                 linear(Ly.gate, h, M, f1);
                 linear(Ly.up, h, M, f2);
                 parallel_for(M * F, 65536, [&](int64_t i0, int64_t i1, int) {
-                    for (int64_t i = i0; i < i1; ++i) f1[i] = act_fn(cfg_.act, f1[i]) * f2[i];
+                    if (cfg_.act == Act::SiLU) silu_mul(f1 + i0, f2 + i0, f1 + i0, i1 - i0);
+                    else
+                        for (int64_t i = i0; i < i1; ++i) f1[i] = act_fn(cfg_.act, f1[i]) * f2[i];
                 });
             }
             if (bitnet) rmsnorm(f1, Ly.ffn_sub_norm.w.data(), cfg_.norm_eps, M, F, f1);

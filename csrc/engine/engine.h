@@ -85,7 +85,7 @@ struct Layer {
 // ---- per-sequence state --------------------------------------------------------------------
 struct Sequence {
     int64_t len = 0, cap = 0;
-    std::vector<float> k, v;  // (layers, cap, kv_heads * head_dim) each
+    std::vector<float> k, v;  // (layers, kv_heads, cap, head_dim) each: one head's keys are contiguous
 };
 
 class Engine {

@@ -22,9 +22,16 @@ float dot_i8(const int8_t* w, const float* x, int64_t n);
 // and 8 independent FMA chains keep both FMA pipes busy: the batched LM head.
 void dot4_f16(const uint16_t* w, const float* x, int64_t ldx, int64_t n, float* out);
 void dot4_i8(const int8_t* w, const float* x, int64_t ldx, int64_t n, float* out);
+// out[i] = dot_f16(w + i·ldw, x, n) / dot_i8(w + i·ldw, x, n) for i < 4, bit-identical to four
+// calls: 4 head rows against one activation row (the single-sequence LM head), x loaded once.
+void rows4_f16(const uint16_t* w, int64_t ldw, const float* x, int64_t n, float* out);
+void rows4_i8(const int8_t* w, int64_t ldw, const float* x, int64_t n, float* out);
 // x[j] = exp(x[j] - max x) / Σ exp(...) in place (attention probabilities). The AVX2 twin uses
 // a degree-6 polynomial exp (relative error ~2e-7, as good as fp32 needs), not libm's expf.
 void softmax_inplace(float* x, int64_t n);
+// out[k] = silu(g[k])·u[k] = g[k] / (1 + e^-g[k]) · u[k] (out may alias g or u). The AVX2 twin
+// uses softmax's polynomial exp.
+void silu_mul(const float* g, const float* u, float* out, int64_t n);
 // y[k] += a·x[k]
 void axpy(float a, const float* x, float* y, int64_t n);
 // out[d] = Σ_j p[j]·V[j·stride + d] for d < hd (attention's weighted sum of values)
