@@ -59,6 +59,53 @@ struct Fmt<Format::I2> {
 // Decode rows into codes (GEMM and F32 paths)
 // ============================================================================================
 
+// One T1 block (10 bytes, row order) -> its 48 codes. The 16 group codes come out in group order
+// from (low nibbles, high nibbles) interleaved by 16-bit pairs plus the high bits selected per group;
+// each code's 3 base-3 digits are two 16-entry table lookups (code < 16 or not), then the three
+// digit vectors are interleaved to column order 3g + j.
+inline void t1_block_codes(const uint8_t* blk, uint8_t* c) {
+    alignas(16) static const struct Tables {
+        uint8_t d[3][2][16];  // digit j of code 16h + i
+        Tables() {
+            for (int j = 0, p = 1; j < 3; ++j, p *= 3)
+                for (int v = 0; v < 32; ++v) d[j][v >> 4][v & 15] = uint8_t(v < 27 ? v / p % 3 : 0);
+        }
+    } T;
+    uint64_t nib8;
+    uint16_t hb2;
+    std::memcpy(&nib8, blk, 8);
+    std::memcpy(&hb2, blk + 8, 2);
+    const __m128i b = _mm_cvtsi64_si128((long long)nib8), m15 = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(b, m15), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m15);
+    const __m128i nib = _mm_unpacklo_epi16(lo, hi);  // group g: byte 2(g/4) + g%2, high iff (g/2) odd
+    // high bit of group g: bit g/2 of byte 8 + g%2
+    const __m128i h = _mm_shuffle_epi8(_mm_cvtsi32_si128(hb2), _mm_set1_epi16(0x0100));
+    const __m128i bit = _mm_setr_epi8(1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 64, 64, (char)128, (char)128);
+    const __m128i high = _mm_cmpeq_epi8(_mm_and_si128(h, bit), bit);  // 0xFF: code >= 16
+    __m128i d[3];
+    for (int j = 0; j < 3; ++j)
+        d[j] = _mm_blendv_epi8(_mm_shuffle_epi8(_mm_load_si128((const __m128i*)T.d[j][0]), nib),
+                               _mm_shuffle_epi8(_mm_load_si128((const __m128i*)T.d[j][1]), nib), high);
+    // output byte o (0..47) = d[o % 3][o / 3]
+    alignas(16) static const struct Interleave {
+        int8_t idx[3][3][16];  // [output 16-byte part][digit j]
+        Interleave() {
+            for (int part = 0; part < 3; ++part)
+                for (int j = 0; j < 3; ++j)
+                    for (int i = 0; i < 16; ++i) {
+                        const int o = 16 * part + i;
+                        idx[part][j][i] = int8_t(o % 3 == j ? o / 3 : -128);
+                    }
+        }
+    } I;
+    for (int part = 0; part < 3; ++part) {
+        __m128i v = _mm_setzero_si128();
+        for (int j = 0; j < 3; ++j)
+            v = _mm_or_si128(v, _mm_shuffle_epi8(d[j], _mm_load_si128((const __m128i*)I.idx[part][j])));
+        _mm_storeu_si128((__m128i*)(c + 16 * part), v);
+    }
+}
+
 void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
     const __m256i m3 = _mm256_set1_epi8(3), two = _mm256_set1_epi8(2);
     switch (f) {
@@ -71,8 +118,9 @@ void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
                                         _mm256_and_si256(_mm256_srli_epi16(v, 2 * i), m3));
             }
             break;
-        case Format::T1:  // table lookups in the GEMV; GEMM and F32 decode rows with the scalar code
-            decode_row_codes_generic(f, row, Kp, codes);
+        case Format::T1:  // the GEMV uses table lookups instead; GEMM and F32 decode rows here
+            for (int64_t b = 0; b < Kp / kT1Weights; ++b)
+                t1_block_codes(row + (int64_t)sizeof(BlockT1) * b, codes + kT1Weights * b);
             break;
         case Format::B1: {
             // 32 codes from 4 bytes: byte k copied to lanes 8k..8k+7, lane i of each tests bit i
