@@ -9,6 +9,8 @@ PyTorch fp32 / bf16 HF models of the same shape.
     python benchmarks/e2e.py --llamacpp      # + llama.cpp TQ2_0 / TQ1_0 rows on GGUFs exported from the same weights
     python benchmarks/e2e.py --gguf m.gguf   # + llama.cpp on any GGUF
     python benchmarks/e2e.py --shape 3b256 --llamacpp --no-torch --variants llama-i2-i8   # the 3B twin
+    python benchmarks/e2e.py --llamacpp --no-torch --threads 2 --variants llama-i2-i8,llama-t1-i8 --paired 5
+                                             # + the target ratios from paired, rotating rounds
 
 Random weights do not change the speed of these formats. Checkpoints are written packed, directly
 (no fp32 model is ever built for the bitllm rows). The Llama layout is SiLU-gated (what llama.cpp
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fmt_table, loadavg, machine_line, roofline_gbs, write_results  # noqa: E402
@@ -126,15 +129,15 @@ def _stats(samples: list[float]) -> dict:
     return {"median": statistics.median(samples), "min": min(samples), "reps": len(samples)}
 
 
-def bench_engine(directory: Path, threads: int, head: str, kernel_format: str | None, reps: int, pp: int, tg: int) -> dict:
+def engine_runner(directory: Path, threads: int, head: str, kernel_format: str | None, pp: int, tg: int):
+    """(LLM, rep): rep() times one prefill of pp tokens and one greedy decode of tg tokens (tok/s each)."""
     from bitllm.engine import LLM
 
     llm = LLM(directory, threads=threads, head=head, kernel_format=kernel_format, max_context=pp + tg + 8)
     be = llm.backend
-    rng = np.random.default_rng(1)
-    prompt = [int(t) for t in rng.integers(3, be.vocab, size=pp)]
-    pre, dec = [], []
-    for r in range(reps + 1):  # rep 0 = warm-up
+    prompt = [int(t) for t in np.random.default_rng(1).integers(3, be.vocab, size=pp)]
+
+    def rep() -> tuple[float, float]:
         slot = be.open(pp + 1)
         t0 = time.perf_counter()
         be.forward([slot], [prompt])
@@ -147,12 +150,22 @@ def bench_engine(directory: Path, threads: int, head: str, kernel_format: str | 
             tok = [int(be.forward([slot], [tok])[0].argmax())]
         dt2 = time.perf_counter() - t1
         be.close(slot)
-        if r:
-            pre.append(pp / dt)
-            dec.append(tg / dt2)
-    eng = be.engine
-    return {"prefill_tps": _stats(pre), "decode_tps": _stats(dec), "bytes_per_token": eng.bytes_per_token(),
-            "weight_bytes": eng.weight_bytes(), "load_s": llm.load_info.get("load_s")}
+        return pp / dt, tg / dt2
+
+    return llm, rep
+
+
+def _run_reps(rep, reps: int) -> dict:
+    rep()  # warm-up
+    pre, dec = zip(*(rep() for _ in range(reps)))
+    return {"prefill_tps": _stats(list(pre)), "decode_tps": _stats(list(dec))}
+
+
+def bench_engine(directory: Path, threads: int, head: str, kernel_format: str | None, reps: int, pp: int, tg: int) -> dict:
+    llm, rep = engine_runner(directory, threads, head, kernel_format, pp, tg)
+    eng = llm.backend.engine
+    return {**_run_reps(rep, reps), "bytes_per_token": eng.bytes_per_token(), "weight_bytes": eng.weight_bytes(),
+            "load_s": llm.load_info.get("load_s")}
 
 
 def bench_torch(s: dict, dtype_name: str, threads: int, reps: int, pp: int, tg: int) -> dict:
@@ -188,9 +201,9 @@ def bench_torch(s: dict, dtype_name: str, threads: int, reps: int, pp: int, tg: 
     return {"prefill_tps": _stats(pre), "decode_tps": _stats(dec), "bytes_per_token": nbytes, "build_s": build_s}
 
 
-def bench_llamacpp(gguf: str, threads: int, reps: int, pp: int, tg: int) -> dict | None:
-    """Hook for the GGUF issue: llama.cpp rows through llama-cpp-python on a GGUF that bitllm exports
-    from the same weights (n_threads and n_threads_batch explicit, flash attention on, BENCH.md)."""
+def llamacpp_runner(gguf: str, threads: int, pp: int, tg: int):
+    """(Llama, rep) for llama.cpp through llama-cpp-python (n_threads and n_threads_batch explicit,
+    flash attention on, BENCH.md), or None without llama-cpp-python. rep() as in engine_runner."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -198,10 +211,9 @@ def bench_llamacpp(gguf: str, threads: int, reps: int, pp: int, tg: int) -> dict
         return None
     llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, flash_attn=True, n_ctx=pp + tg + 8,
                 verbose=False)
-    rng = np.random.default_rng(1)
-    prompt = [int(t) for t in rng.integers(3, llm.n_vocab(), size=pp)]
-    pre, dec = [], []
-    for r in range(reps + 1):
+    prompt = [int(t) for t in np.random.default_rng(1).integers(3, llm.n_vocab(), size=pp)]
+
+    def rep() -> tuple[float, float]:
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
@@ -212,10 +224,39 @@ def bench_llamacpp(gguf: str, threads: int, reps: int, pp: int, tg: int) -> dict
         for _ in range(tg):
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
         dt2 = time.perf_counter() - t1
-        if r:
-            pre.append(pp / dt)
-            dec.append(tg / dt2)
-    return {"prefill_tps": _stats(pre), "decode_tps": _stats(dec), "bytes_per_token": os.path.getsize(gguf)}
+        return pp / dt, tg / dt2
+
+    return llm, rep
+
+
+def bench_llamacpp(gguf: str, threads: int, reps: int, pp: int, tg: int) -> dict | None:
+    """llama.cpp rows on a GGUF that bitllm exports from the same weights (or any GGUF)."""
+    r = llamacpp_runner(gguf, threads, pp, tg)
+    return None if r is None else {**_run_reps(r[1], reps), "bytes_per_token": os.path.getsize(gguf)}
+
+
+def paired_rounds(contenders: dict, rounds: int) -> dict:
+    """The target ratios with the machine's drift taken out: every contender runs one rep per round,
+    in a rotating order, and each round's ratio to the first contender is taken within the round."""
+    names = list(contenders)
+    for rep in contenders.values():
+        rep()  # warm-up
+    res = {n: [] for n in names}
+    for r in tqdm(range(rounds), desc="paired rounds", leave=False):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            res[n].append(contenders[n]())
+    base = names[0]
+    out = {}
+    for n in names:
+        pre = [p for p, _ in res[n]]
+        dec = [d for _, d in res[n]]
+        out[n] = {"prefill_tps": statistics.median(pre), "decode_tps": statistics.median(dec),
+                  "prefill_ratio": statistics.median(p / b[0] for p, b in zip(pre, res[base])),
+                  "decode_ratio": statistics.median(d / b[1] for d, b in zip(dec, res[base])),
+                  "decode_ratio_range": (min(d / b[1] for d, b in zip(dec, res[base])),
+                                         max(d / b[1] for d, b in zip(dec, res[base])))}
+    return out
 
 
 # --- RSS (a fresh process per model, so the allocator's history does not blur the growth) -----------
@@ -271,6 +312,10 @@ def main() -> None:
     ap.add_argument("--llamacpp", action="store_true",
                     help="export the Llama-layout weights to GGUF TQ2_0 / TQ1_0 (head Q8_0) and run llama.cpp on them")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                    help="with --llamacpp: after the table, this many paired rounds at the largest thread count "
+                         "(llama.cpp TQ2_0 and the Llama-layout bitllm rows, one rep each per round, order "
+                         "rotating): the target ratios, taken within each round")
     ap.add_argument("--child-rss", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--head", default="i8", help=argparse.SUPPRESS)
     ap.add_argument("--kv", type=int, default=256, help=argparse.SUPPRESS)
@@ -368,8 +413,32 @@ def main() -> None:
         print("llama.cpp TQ2_0 / TQ1_0 rows: pass --llamacpp (needs llama-cpp-python) or --gguf; BENCH.md anchor on a "
               "Zen 3 at 2 threads: TQ2_0 58-68 tok/s decode.")
     print("MiB/token: linear weights + LM head streamed per decoded token (llama.cpp rows: GGUF size minus the f16 embedding).")
+    paired = None
+    if a.paired and a.llamacpp:
+        t = max(threads)
+        keep = []  # the models stay loaded for all rounds
+        contenders = {}
+        r = llamacpp_runner(str(work / "llama-tq2_0.gguf"), t, a.pp, a.tg)
+        if r:
+            keep.append(r[0])
+            contenders["llama.cpp TQ2_0"] = r[1]
+            for layout, kf, head in variants:
+                if layout == "llama":
+                    llm, rep = engine_runner(dirs[layout], t, head, kf, a.pp, a.tg)
+                    keep.append(llm)
+                    contenders[f"bitllm llama {kf.upper()} head {head}"] = rep
+            paired = paired_rounds(contenders, a.paired)
+            print(f"\nPaired rounds ({a.paired}, {t} threads; each ratio taken within a round, then the median; "
+                  f"load avg now {loadavg()}):")
+            print(fmt_table(["model", "pp tok/s med", "tg tok/s med", "pp vs TQ2_0", "tg vs TQ2_0", "tg ratio min-max"],
+                            [[n, f"{v['prefill_tps']:.1f}", f"{v['decode_tps']:.1f}", f"{v['prefill_ratio']:.2f}x",
+                              f"{v['decode_ratio']:.2f}x",
+                              f"{v['decode_ratio_range'][0]:.2f}-{v['decode_ratio_range'][1]:.2f}"]
+                             for n, v in paired.items()]))
+        del keep
     path = write_results("e2e" + ("" if shape_name == "700m" else f"-{shape_name}"), {"machine": machine_line(_engine.active_isa(), max(threads)),
-                                                                 "roofline_gbs": roof, "shape": shape, "results": results})
+                                                                 "roofline_gbs": roof, "shape": shape, "results": results,
+                                                                 "paired": paired})
     print(f"wrote {path}")
 
 
