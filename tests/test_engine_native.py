@@ -1,6 +1,7 @@
 """Standalone C++ engine test (csrc/engine/test_engine_main.cpp), built and run without Python:
 a golden tiny model exported as an engine file is decoded greedily on x86-64 and on AArch64 (cross-
-compiled, run under qemu-user with -cpu max), and both must emit the reference path's tokens."""
+compiled, run under qemu-user with -cpu max), and both must emit the reference path's tokens. The
+same binary's `--simd` mode checks the engine's vector helpers on both."""
 
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ def test_engine_standalone_x86(tmp_path, engine_files):
            "kernels_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"]}
     exe = _build("g++", tmp_path / "test_engine", isa, [])
     _decode([], exe, engine_files)
+    # the vector helpers' contracts (the LM head's 4-row dots bit-identical to one-row dots, SiLU)
+    assert "SIMD OK" in _run([str(exe), "--simd"]).stdout
 
 
 @pytest.mark.skipif(not HAVE_ARM, reason="cross toolchain or qemu-user absent (apt-get install g++-aarch64-linux-gnu qemu-user)")
@@ -79,5 +82,6 @@ def test_engine_standalone_aarch64_qemu(tmp_path, engine_files, record_property)
         outs = _decode(["qemu-aarch64", "-L", QEMU_LIB, "-cpu", cpu], exe, engine_files)
         r = _run(["qemu-aarch64", "-L", QEMU_LIB, "-cpu", cpu, str(exe), str(engine_files[0]), "1"])
         assert r.stdout.startswith(f"isa={want} "), r.stdout
+        assert "SIMD OK" in _run(["qemu-aarch64", "-L", QEMU_LIB, "-cpu", cpu, str(exe), "--simd"]).stdout
         ran.append(want)
     record_property("native_isas", f"engine aarch64 (qemu): {', '.join(ran)}")

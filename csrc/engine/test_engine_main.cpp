@@ -3,6 +3,9 @@
 // AArch64 (run under qemu-aarch64) by tests/test_engine_native.py.
 //   usage: test_engine <model.engine> [threads]
 // Prints "isa=<variant> tokens=<ids...>" and exits 0 when the tokens match, 1 otherwise.
+//   usage: test_engine --simd
+// Checks the engine's vector helpers (simd.h) against their contracts; prints "SIMD OK" and exits 0.
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <sstream>
@@ -10,6 +13,7 @@
 #include <vector>
 
 #include "engine.h"
+#include "simd.h"
 
 using namespace bitllm;
 
@@ -21,7 +25,55 @@ static std::vector<int32_t> ids_of(const std::string& s) {
     return r;
 }
 
+// rows4_* bit-identical to 4 dot_* calls and dot4_* to 4 calls, on lengths around the vector
+// widths; silu_mul within 1e-6 of a double reference (finite at the extremes, out aliasing g).
+static int simd_selftest() {
+    using namespace bitllm::engine;
+    int bad = 0;
+    uint32_t st = 12345;
+    auto rnd = [&] { return (st = st * 1664525u + 1013904223u) >> 8; };
+    for (int64_t n : {1, 7, 8, 9, 15, 16, 17, 31, 33, 100, 1536, 1541}) {
+        const int64_t ld = n + 3;
+        std::vector<int8_t> w8((size_t)(4 * ld));
+        std::vector<uint16_t> w16((size_t)(4 * ld));
+        std::vector<float> x((size_t)(4 * ld));
+        for (auto& v : w8) v = (int8_t)((int)(rnd() % 255) - 127);
+        for (auto& v : w16) v = float_to_half(((int)(rnd() % 2001) - 1000) / 257.0f);
+        for (auto& v : x) v = ((int)(rnd() % 2001) - 1000) / 311.0f;
+        float a[4], b[4];
+        rows4_i8(w8.data(), ld, x.data(), n, a);
+        rows4_f16(w16.data(), ld, x.data(), n, b);
+        for (int i = 0; i < 4; ++i) {
+            bad += a[i] != dot_i8(w8.data() + i * ld, x.data(), n);
+            bad += b[i] != dot_f16(w16.data() + i * ld, x.data(), n);
+        }
+        dot4_i8(w8.data(), x.data(), ld, n, a);
+        dot4_f16(w16.data(), x.data(), ld, n, b);
+        for (int i = 0; i < 4; ++i) {
+            bad += a[i] != dot_i8(w8.data(), x.data() + i * ld, n);
+            bad += b[i] != dot_f16(w16.data(), x.data() + i * ld, n);
+        }
+        if (bad) {
+            std::printf("dot/rows4/dot4 differ at n=%lld\n", (long long)n);
+            return 1;
+        }
+        std::vector<float> g((size_t)n), u((size_t)n), want((size_t)n);
+        for (int64_t k = 0; k < n; ++k) g[(size_t)k] = ((int)(rnd() % 4001) - 2000) / 100.0f, u[(size_t)k] = x[(size_t)k];
+        g[0] = n % 2 ? -200.0f : 200.0f;
+        for (int64_t k = 0; k < n; ++k) want[(size_t)k] = (float)(g[k] / (1.0 + std::exp(-(double)g[k])) * u[k]);
+        silu_mul(g.data(), u.data(), g.data(), n);  // out aliases g
+        for (int64_t k = 0; k < n; ++k)
+            if (!std::isfinite(g[k]) || std::fabs(g[k] - want[k]) > 1e-6f * std::fabs(want[k]) + 1e-30f) {
+                std::printf("silu_mul n=%lld k=%lld: %g, want %g\n", (long long)n, (long long)k, g[k], want[k]);
+                return 1;
+            }
+    }
+    std::printf("simd=%s SIMD OK\n", simd_name());
+    return 0;
+}
+
 int main(int argc, char** argv) {
+    if (argc == 2 && std::string(argv[1]) == "--simd") return simd_selftest();
     if (argc < 2) {
         std::fprintf(stderr, "usage: %s <model.engine> [threads]\n", argv[0]);
         return 2;
