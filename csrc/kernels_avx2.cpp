@@ -247,6 +247,23 @@ inline void gemm_micro(const uint8_t* c, int64_t ldc, const int8_t* q, int64_t l
         for (int r = 0; r < kNR; ++r) acc[m * lda + r] = _mm256_add_epi32(acc[m * lda + r], _mm256_madd_epi16(s[m][r], ones));
 }
 
+// The 8 horizontal sums of v[0..7], in order, in one vector (int32: any order is exact).
+inline __m256i hsum8_epi32(const __m256i* v) {
+    const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    // h0: [partial sums of rows 0-3 from the low 128 bits | from the high 128 bits], h1 likewise 4-7
+    return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+}
+
+// a8_epilogue for 8 consecutive outputs: ((float)(acc - qsum) / xscale) · wscale (+ bias), the same
+// IEEE operations in the same order.
+inline void a8_epilogue8(__m256i acc, int32_t qsum, float xscale, const float* wscale, const float* bias, float* out) {
+    __m256 y = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc, _mm256_set1_epi32(qsum)));
+    y = _mm256_mul_ps(_mm256_div_ps(y, _mm256_set1_ps(xscale)), _mm256_loadu_ps(wscale));
+    if (bias) y = _mm256_add_ps(y, _mm256_loadu_ps(bias));
+    _mm256_storeu_ps(out, y);
+}
+
 void gemm_tiles(Format f, const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
                 int64_t n0, int64_t n1) {
     const int64_t Kp = w.Kp, M = a.M;
@@ -276,10 +293,15 @@ void gemm_tiles(Format f, const PackedView& w, const A8Acts& a, const float* wsc
                 }
             }
         }
-        for (int64_t m = 0; m < M; ++m)
-            for (int64_t r = 0; r < rn; ++r)
+        for (int64_t m = 0; m < M; ++m) {
+            int64_t r = 0;
+            for (; r + 8 <= rn; r += 8)  // 8 outputs at once: a8_epilogue's IEEE operations, in vectors
+                a8_epilogue8(hsum8_epi32(&acc[m * kTile + r]), a.qsum[m], a.xscale[m], wscale + n + r,
+                             bias ? bias + n + r : nullptr, out + m * w.N + n + r);
+            for (; r < rn; ++r)
                 out[m * w.N + n + r] = a8_epilogue(hsum_epi32(acc[m * kTile + r]) - a.qsum[m], a.xscale[m],
                                                    wscale[n + r], bias, n + r);
+        }
     }
 }
 
