@@ -68,7 +68,7 @@ inline void t1_block_codes(const uint8_t* blk, uint8_t* c) {
         uint8_t d[3][2][16];  // digit j of code 16h + i
         Tables() {
             for (int j = 0, p = 1; j < 3; ++j, p *= 3)
-                for (int v = 0; v < 32; ++v) d[j][v >> 4][v & 15] = uint8_t(v < 27 ? v / p % 3 : 0);
+                for (int v = 0; v < 32; ++v) d[j][v >> 4][v & 15] = uint8_t(v / p % 3);  // as kT1Digits
         }
     } T;
     uint64_t nib8;
