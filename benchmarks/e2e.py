@@ -249,13 +249,12 @@ def paired_rounds(contenders: dict, rounds: int) -> dict:
     base = names[0]
     out = {}
     for n in names:
-        pre = [p for p, _ in res[n]]
-        dec = [d for _, d in res[n]]
-        out[n] = {"prefill_tps": statistics.median(pre), "decode_tps": statistics.median(dec),
-                  "prefill_ratio": statistics.median(p / b[0] for p, b in zip(pre, res[base])),
-                  "decode_ratio": statistics.median(d / b[1] for d, b in zip(dec, res[base])),
-                  "decode_ratio_range": (min(d / b[1] for d, b in zip(dec, res[base])),
-                                         max(d / b[1] for d, b in zip(dec, res[base])))}
+        pp_ratio = [p / b[0] for (p, _), b in zip(res[n], res[base])]
+        tg_ratio = [d / b[1] for (_, d), b in zip(res[n], res[base])]
+        out[n] = {"prefill_tps": statistics.median(p for p, _ in res[n]),
+                  "decode_tps": statistics.median(d for _, d in res[n]),
+                  "prefill_ratio": statistics.median(pp_ratio), "decode_ratio": statistics.median(tg_ratio),
+                  "decode_ratio_range": (min(tg_ratio), max(tg_ratio))}
     return out
 
 

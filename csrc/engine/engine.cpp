@@ -676,12 +676,22 @@ static inline float act_fn(Act a, float x) {
         }
         case Act::ReLU: return x > 0.f ? x : 0.f;
         case Act::GeluNew:
-            return 0.5f * x * (1.0f + std::tanh(0.7978845608028654f * (x + 0.044715f * (x * x * x))));
         case Act::GeluTanh:
             return 0.5f * x * (1.0f + std::tanh(0.7978845608028654f * (x + 0.044715f * (x * x * x))));
         case Act::GeluErf: return 0.5f * x * (1.0f + std::erf(x * 0.7071067811865476f));
     }
     return x;
+}
+
+// out[k] = act(g[k]) · u[k] (a gated FFN; out may alias g or u): SiLU through the vector helper.
+static void gated_act(Act a, const float* g, const float* u, float* out, int64_t n) {
+    if (a == Act::SiLU) return silu_mul(g, u, out, n);
+    for (int64_t k = 0; k < n; ++k) out[k] = act_fn(a, g[k]) * u[k];
+}
+
+// Where position p of KV head kh of layer l starts in a sequence's k / v: (layers, kv_heads, cap, head_dim).
+static int64_t kv_offset(const Sequence& s, int64_t kv_heads, int64_t hd, int64_t l, int64_t kh, int64_t p) {
+    return ((l * kv_heads + kh) * s.cap + p) * hd;
 }
 
 static float* grow(std::vector<float>& v, int64_t n) {
@@ -759,7 +769,7 @@ void Engine::attention(const int* ids, int n, const int64_t* offsets, const std:
             const Sequence& s = *seqs_[(size_t)ids[i]];
             const int64_t p = pos0[(size_t)i] + (r - offsets[i]);  // absolute position of row r
             const float* q = qb_.data() + r * nh * hd + h * hd;
-            const int64_t at = (l * cfg_.kv_heads + h / group) * s.cap * hd;  // this head's (cap, hd) block
+            const int64_t at = kv_offset(s, cfg_.kv_heads, hd, l, h / group, 0);  // this head's (cap, hd) block
             const float* K = s.k.data() + at;
             const float* V = s.v.data() + at;
             float* sc = scores_all + (int64_t)tid * maxlen;
@@ -893,7 +903,7 @@ void Engine::forward(const int* ids, int n, const int32_t* tokens, const int64_t
             for (int64_t r = offsets[i]; r < offsets[i + 1]; ++r) {
                 const int64_t p = pos0[(size_t)i] + r - offsets[i];
                 for (int64_t kh = 0; kh < cfg_.kv_heads; ++kh) {
-                    const int64_t at = ((l * cfg_.kv_heads + kh) * s.cap + p) * hd;
+                    const int64_t at = kv_offset(s, cfg_.kv_heads, hd, l, kh, p);
                     std::memcpy(s.k.data() + at, kb + r * kvd + kh * hd, (size_t)hd * 4);
                     std::memcpy(s.v.data() + at, vb + r * kvd + kh * hd, (size_t)hd * 4);
                 }
@@ -918,20 +928,13 @@ void Engine::forward(const int* ids, int n, const int32_t* tokens, const int64_t
                 float* z = grow(fz_, M * 2 * F);  // (M, gate F | up F)
                 linear(Ly.gate_up, h, M, z);
                 parallel_for(M, std::max<int64_t>(1, 65536 / F), [&](int64_t r0, int64_t r1, int) {
-                    for (int64_t r = r0; r < r1; ++r) {
-                        const float* g = z + r * 2 * F;
-                        if (cfg_.act == Act::SiLU) silu_mul(g, g + F, f1 + r * F, F);
-                        else
-                            for (int64_t c = 0; c < F; ++c) f1[r * F + c] = act_fn(cfg_.act, g[c]) * g[F + c];
-                    }
+                    for (int64_t r = r0; r < r1; ++r) gated_act(cfg_.act, z + r * 2 * F, z + r * 2 * F + F, f1 + r * F, F);
                 });
             } else {
                 linear(Ly.gate, h, M, f1);
                 linear(Ly.up, h, M, f2);
                 parallel_for(M * F, 65536, [&](int64_t i0, int64_t i1, int) {
-                    if (cfg_.act == Act::SiLU) silu_mul(f1 + i0, f2 + i0, f1 + i0, i1 - i0);
-                    else
-                        for (int64_t i = i0; i < i1; ++i) f1[i] = act_fn(cfg_.act, f1[i]) * f2[i];
+                    gated_act(cfg_.act, f1 + i0, f2 + i0, f1 + i0, i1 - i0);
                 });
             }
             if (bitnet) rmsnorm(f1, Ly.ffn_sub_norm.w.data(), cfg_.norm_eps, M, F, f1);
