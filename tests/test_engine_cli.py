@@ -16,6 +16,16 @@ def test_run_streams_and_reports_speed(tmp_path):
     assert "prefill 3 tokens" in r.output and "tok/s" in r.output and "decode 4 tokens" in r.output
 
 
+def test_run_with_an_f16_kv_cache(tmp_path):
+    d = _save(tmp_path / "m")
+    args = ["run", str(d), "1,5,9", "--ids", "-n", "5", "-t", "1"]
+    r32, r16 = (CliRunner().invoke(app, args + ["--kv-dtype", dt]) for dt in ("f32", "f16"))
+    assert r16.exit_code == 0 and r32.exit_code == 0, r16.output
+    assert r16.stdout.split()[:5] == r32.stdout.split()[:5]  # this model's margins exceed fp16's rounding
+    bad = CliRunner().invoke(app, args + ["--kv-dtype", "q8"])
+    assert bad.exit_code != 0 and "kv_dtype" in str(bad.exception or bad.output)
+
+
 def test_chat_keeps_history_and_resets(tmp_path):
     d = _save(tmp_path / "m", tokenizer=_tokenizer())
     r = CliRunner().invoke(app, ["chat", str(d), "-n", "4", "-t", "1", "--temperature", "0"],

@@ -158,6 +158,9 @@ ModelConfig ModelConfig::parse(const Config& c) {
     if (head == "f16") m.head = HeadMode::F16;
     else if (head == "i8") m.head = HeadMode::I8;
     else throw EngineError("engine config: head '" + head + "' is not f16 or i8");
+    const std::string kv = get_str(c, "kv_dtype", "f32");
+    if (kv != "f32" && kv != "f16") throw EngineError("engine config: kv_dtype '" + kv + "' is not f32 or f16");
+    m.kv_f16 = kv == "f16";
     if (m.family == Family::Phi && m.kv_heads != m.heads) throw EngineError("engine config: phi has no GQA");
     return m;
 }
@@ -574,7 +577,7 @@ size_t Engine::bytes_per_token() const {
 size_t Engine::kv_bytes() const {
     size_t b = 0;
     for (const auto& s : seqs_)
-        if (s) b += (s->k.size() + s->v.size()) * 4;
+        if (s) b += (s->k.size() + s->v.size()) * 4 + (s->k16.size() + s->v16.size()) * 2;
     return b;
 }
 
@@ -589,8 +592,13 @@ int Engine::add_sequence(int64_t capacity) {
     auto s = std::make_unique<Sequence>();
     s->cap = capacity;
     const size_t n = (size_t)(cfg_.layers * capacity * cfg_.kv_heads * cfg_.head_dim);
-    s->k.assign(n, 0.f);
-    s->v.assign(n, 0.f);
+    if (cfg_.kv_f16) {
+        s->k16.assign(n, 0);
+        s->v16.assign(n, 0);
+    } else {
+        s->k.assign(n, 0.f);
+        s->v.assign(n, 0.f);
+    }
     for (size_t i = 0; i < seqs_.size(); ++i)
         if (!seqs_[i]) {
             seqs_[i] = std::move(s);
@@ -770,12 +778,17 @@ void Engine::attention(const int* ids, int n, const int64_t* offsets, const std:
             const int64_t p = pos0[(size_t)i] + (r - offsets[i]);  // absolute position of row r
             const float* q = qb_.data() + r * nh * hd + h * hd;
             const int64_t at = kv_offset(s, cfg_.kv_heads, hd, l, h / group, 0);  // this head's (cap, hd) block
-            const float* K = s.k.data() + at;
-            const float* V = s.v.data() + at;
             float* sc = scores_all + (int64_t)tid * maxlen;
-            dot_f32_rows(q, K, hd, p + 1, hd, scale, sc);
-            softmax_inplace(sc, p + 1);
-            weighted_sum(sc, V, hd, p + 1, hd, ab_.data() + r * nh * hd + h * hd);
+            float* o = ab_.data() + r * nh * hd + h * hd;
+            if (cfg_.kv_f16) {
+                dot_f16_rows(q, s.k16.data() + at, hd, p + 1, hd, scale, sc);
+                softmax_inplace(sc, p + 1);
+                weighted_sum_f16(sc, s.v16.data() + at, hd, p + 1, hd, o);
+            } else {
+                dot_f32_rows(q, s.k.data() + at, hd, p + 1, hd, scale, sc);
+                softmax_inplace(sc, p + 1);
+                weighted_sum(sc, s.v.data() + at, hd, p + 1, hd, o);
+            }
         }
     });
 }
@@ -904,8 +917,15 @@ void Engine::forward(const int* ids, int n, const int32_t* tokens, const int64_t
                 const int64_t p = pos0[(size_t)i] + r - offsets[i];
                 for (int64_t kh = 0; kh < cfg_.kv_heads; ++kh) {
                     const int64_t at = kv_offset(s, cfg_.kv_heads, hd, l, kh, p);
-                    std::memcpy(s.k.data() + at, kb + r * kvd + kh * hd, (size_t)hd * 4);
-                    std::memcpy(s.v.data() + at, vb + r * kvd + kh * hd, (size_t)hd * 4);
+                    const float* kr = kb + r * kvd + kh * hd;
+                    const float* vr = vb + r * kvd + kh * hd;
+                    if (cfg_.kv_f16) {
+                        f32_to_f16(kr, s.k16.data() + at, hd);
+                        f32_to_f16(vr, s.v16.data() + at, hd);
+                    } else {
+                        std::memcpy(s.k.data() + at, kr, (size_t)hd * 4);
+                        std::memcpy(s.v.data() + at, vr, (size_t)hd * 4);
+                    }
                 }
             }
         }

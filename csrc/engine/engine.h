@@ -54,6 +54,7 @@ struct ModelConfig {
     float onebit_ln_eps = 1e-5f;    // OneBit's output LayerNorm (no affine)
     bool tied = false;
     HeadMode head = HeadMode::F16;
+    bool kv_f16 = false;  // config "kv_dtype": "f32" (default) or "f16" (half the cache, rounded once)
 
     static ModelConfig parse(const Config& c);
 };
@@ -85,7 +86,10 @@ struct Layer {
 // ---- per-sequence state --------------------------------------------------------------------
 struct Sequence {
     int64_t len = 0, cap = 0;
-    std::vector<float> k, v;  // (layers, kv_heads, cap, head_dim) each: one head's keys are contiguous
+    // (layers, kv_heads, cap, head_dim) each: one head's keys are contiguous. fp32 in k/v, or fp16
+    // in k16/v16 when the config asks for kv_dtype f16 (the other pair stays empty).
+    std::vector<float> k, v;
+    std::vector<uint16_t> k16, v16;
 };
 
 class Engine {

@@ -23,15 +23,6 @@ static float hsum8(const float* l) {
     return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
 }
 
-static float dot_f32_portable(const float* a, const float* b, int64_t n) {
-    float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t k = 0;
-    for (; k + 8 <= n; k += 8)
-        for (int j = 0; j < 8; ++j) l[j] += a[k + j] * b[k + j];
-    float s = hsum8(l);
-    for (; k < n; ++k) s += a[k] * b[k];
-    return s;
-}
 
 #if defined(__aarch64__)
 using hw_half = __fp16;  // hardware conversion on every ARMv8 core
@@ -44,9 +35,35 @@ static inline float h2f(uint16_t h) {
 static inline float h2f(uint16_t h) { return half_to_float(h); }
 #endif
 
+static inline float to_f32(float x) { return x; }
+static inline float to_f32(uint16_t h) { return h2f(h); }
+static inline float to_f32(int8_t w) { return (float)w; }
+
+// Σ_k q[k]·K[k], K fp32, fp16 or int8 (converted exactly): 8 partial sums, then hsum8 and the tail
+template <class T>
+static float dot_portable(const float* q, const T* K, int64_t n) {
+    float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8)
+        for (int j = 0; j < 8; ++j) l[j] += q[k + j] * to_f32(K[k + j]);
+    float s = hsum8(l);
+    for (; k < n; ++k) s += q[k] * to_f32(K[k]);
+    return s;
+}
+
+static float dot_f32_portable(const float* a, const float* b, int64_t n) { return dot_portable(a, b, n); }
+
+template <class T>
+static void dot_rows_portable(const float* q, const T* K, int64_t stride, int64_t n, int64_t hd, float scale, float* out) {
+    for (int64_t j = 0; j < n; ++j) out[j] = dot_portable(q, K + j * stride, hd) * scale;
+}
 static void dot_f32_rows_portable(const float* q, const float* K, int64_t stride, int64_t n, int64_t hd, float scale,
                                   float* out) {
-    for (int64_t j = 0; j < n; ++j) out[j] = dot_f32_portable(q, K + j * stride, hd) * scale;
+    dot_rows_portable(q, K, stride, n, hd, scale, out);
+}
+static void dot_f16_rows_portable(const float* q, const uint16_t* K, int64_t stride, int64_t n, int64_t hd, float scale,
+                                  float* out) {
+    dot_rows_portable(q, K, stride, n, hd, scale, out);
 }
 
 static void softmax_inplace_portable(float* x, int64_t n) {
@@ -58,25 +75,9 @@ static void softmax_inplace_portable(float* x, int64_t n) {
     for (int64_t j = 0; j < n; ++j) x[j] *= inv;
 }
 
-static float dot_f16_portable(const uint16_t* w, const float* x, int64_t n) {
-    float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t k = 0;
-    for (; k + 8 <= n; k += 8)
-        for (int j = 0; j < 8; ++j) l[j] += h2f(w[k + j]) * x[k + j];
-    float s = hsum8(l);
-    for (; k < n; ++k) s += h2f(w[k]) * x[k];
-    return s;
-}
-
-static float dot_i8_portable(const int8_t* w, const float* x, int64_t n) {
-    float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t k = 0;
-    for (; k + 8 <= n; k += 8)
-        for (int j = 0; j < 8; ++j) l[j] += (float)w[k + j] * x[k + j];
-    float s = hsum8(l);
-    for (; k < n; ++k) s += (float)w[k] * x[k];
-    return s;
-}
+// (products commute exactly: the same bits as w·x)
+static float dot_f16_portable(const uint16_t* w, const float* x, int64_t n) { return dot_portable(x, w, n); }
+static float dot_i8_portable(const int8_t* w, const float* x, int64_t n) { return dot_portable(x, w, n); }
 
 static void dot4_f16_portable(const uint16_t* w, const float* x, int64_t ldx, int64_t n, float* out) {
     for (int i = 0; i < 4; ++i) out[i] = dot_f16_portable(w, x + i * ldx, n);
@@ -100,14 +101,26 @@ static void axpy_portable(float a, const float* x, float* y, int64_t n) {
     for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
 }
 
-static void weighted_sum_portable(const float* p, const float* V, int64_t stride, int64_t n, int64_t hd, float* out) {
+template <class T>
+static void weighted_sum_any_portable(const float* p, const T* V, int64_t stride, int64_t n, int64_t hd, float* out) {
     for (int64_t d = 0; d < hd; ++d) out[d] = 0.f;
     for (int64_t j = 0; j < n; ++j)
-        for (int64_t d = 0; d < hd; ++d) out[d] += p[j] * V[j * stride + d];
+        for (int64_t d = 0; d < hd; ++d) out[d] += p[j] * to_f32(V[j * stride + d]);
+}
+static void weighted_sum_portable(const float* p, const float* V, int64_t stride, int64_t n, int64_t hd, float* out) {
+    weighted_sum_any_portable(p, V, stride, n, hd, out);
+}
+static void weighted_sum_f16_portable(const float* p, const uint16_t* V, int64_t stride, int64_t n, int64_t hd,
+                                      float* out) {
+    weighted_sum_any_portable(p, V, stride, n, hd, out);
 }
 
 static void f16_to_f32_portable(const uint16_t* w, float* out, int64_t n) {
     for (int64_t k = 0; k < n; ++k) out[k] = h2f(w[k]);
+}
+
+static void f32_to_f16_portable(const float* x, uint16_t* out, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) out[k] = float_to_half(x[k]);
 }
 
 // ============================================================================================
@@ -124,32 +137,39 @@ AVX2_FN static float hsum256(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-AVX2_FN static float dot_f32_avx2(const float* a, const float* b, int64_t n) {
+// 8 elements of a cache row as fp32 (fp16: exact F16C conversion)
+AVX2_FN static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+AVX2_FN static inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+
+template <class T>
+AVX2_FN static float dot_avx2(const float* a, const T* b, int64_t n) {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= n; k += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), load8(b + k), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), load8(b + k + 8), s1);
     }
-    for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+    for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), load8(b + k), s0);
     float s = hsum256(_mm256_add_ps(s0, s1));
-    for (; k < n; ++k) s += a[k] * b[k];
+    for (; k < n; ++k) s += a[k] * to_f32(b[k]);
     return s;
 }
+AVX2_FN static float dot_f32_avx2(const float* a, const float* b, int64_t n) { return dot_avx2(a, b, n); }
 
-AVX2_FN static void dot_f32_rows_avx2(const float* q, const float* K, int64_t stride, int64_t n, int64_t hd,
-                                      float scale, float* out) {
+template <class T>
+AVX2_FN static void dot_rows_avx2(const float* q, const T* K, int64_t stride, int64_t n, int64_t hd, float scale,
+                                  float* out) {
     const int64_t h8 = hd / 8 * 8;
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-        const float* k0 = K + j * stride;
+        const T* k0 = K + j * stride;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t d = 0; d < h8; d += 8) {
             const __m256 qv = _mm256_loadu_ps(q + d);
-            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
-            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + stride + d), a1);
-            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * stride + d), a2);
-            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * stride + d), a3);
+            a0 = _mm256_fmadd_ps(qv, load8(k0 + d), a0);
+            a1 = _mm256_fmadd_ps(qv, load8(k0 + stride + d), a1);
+            a2 = _mm256_fmadd_ps(qv, load8(k0 + 2 * stride + d), a2);
+            a3 = _mm256_fmadd_ps(qv, load8(k0 + 3 * stride + d), a3);
         }
         // (a0, a1, a2, a3) -> their 4 horizontal sums in one vector
         const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
@@ -159,11 +179,19 @@ AVX2_FN static void dot_f32_rows_avx2(const float* q, const float* K, int64_t st
         _mm_storeu_ps(r, s);
         for (int i = 0; i < 4; ++i) {
             float t = r[i];
-            for (int64_t d = h8; d < hd; ++d) t += q[d] * k0[i * stride + d];
+            for (int64_t d = h8; d < hd; ++d) t += q[d] * to_f32(k0[i * stride + d]);
             out[j + i] = t * scale;
         }
     }
-    for (; j < n; ++j) out[j] = dot_f32_avx2(q, K + j * stride, hd) * scale;
+    for (; j < n; ++j) out[j] = dot_avx2(q, K + j * stride, hd) * scale;
+}
+AVX2_FN static void dot_f32_rows_avx2(const float* q, const float* K, int64_t stride, int64_t n, int64_t hd,
+                                      float scale, float* out) {
+    dot_rows_avx2(q, K, stride, n, hd, scale, out);
+}
+AVX2_FN static void dot_f16_rows_avx2(const float* q, const uint16_t* K, int64_t stride, int64_t n, int64_t hd,
+                                      float scale, float* out) {
+    dot_rows_avx2(q, K, stride, n, hd, scale, out);
 }
 
 // exp(x) for x <= 0 (softmax arguments): 2^k · e^r with k = round(x·log2 e), r = x − k·ln 2 in two
@@ -229,21 +257,8 @@ AVX2_FN static void silu_mul_avx2(const float* g, const float* u, float* out, in
     }
 }
 
-AVX2_FN static float dot_f16_avx2(const uint16_t* w, const float* x, int64_t n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16) {
-        __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + k)));
-        __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + k + 8)));
-        s0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), s0);
-        s1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), s1);
-    }
-    for (; k + 8 <= n; k += 8)
-        s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + k))), _mm256_loadu_ps(x + k), s0);
-    float s = hsum256(_mm256_add_ps(s0, s1));
-    for (; k < n; ++k) s += half_to_float(w[k]) * x[k];
-    return s;
-}
+// (FMA's product commutes exactly: the same bits as w·x)
+AVX2_FN static float dot_f16_avx2(const uint16_t* w, const float* x, int64_t n) { return dot_avx2(x, w, n); }
 
 AVX2_FN static float dot_i8_avx2(const int8_t* w, const float* x, int64_t n) {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
@@ -351,15 +366,16 @@ AVX2_FN static void axpy_avx2(float a, const float* x, float* y, int64_t n) {
 }
 
 // Accumulators stay in registers: 64 output dims (8 vectors) at a time over every key.
-AVX2_FN static void weighted_sum_avx2(const float* p, const float* V, int64_t stride, int64_t n, int64_t hd, float* out) {
+template <class T>
+AVX2_FN static void weighted_sum_any_avx2(const float* p, const T* V, int64_t stride, int64_t n, int64_t hd, float* out) {
     int64_t c = 0;
     for (; c + 64 <= hd; c += 64) {
         __m256 a[8];
         for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
         for (int64_t j = 0; j < n; ++j) {
             const __m256 pj = _mm256_set1_ps(p[j]);
-            const float* v = V + j * stride + c;
-            for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * i), a[i]);
+            const T* v = V + j * stride + c;
+            for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(pj, load8(v + 8 * i), a[i]);
         }
         for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + c + 8 * i, a[i]);
     }
@@ -367,11 +383,11 @@ AVX2_FN static void weighted_sum_avx2(const float* p, const float* V, int64_t st
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t j = 0; j < n; ++j) {
             const __m256 pj = _mm256_set1_ps(p[j]);
-            const float* v = V + j * stride + c;
-            a0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v), a0);
-            a1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8), a1);
-            a2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 16), a2);
-            a3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 24), a3);
+            const T* v = V + j * stride + c;
+            a0 = _mm256_fmadd_ps(pj, load8(v), a0);
+            a1 = _mm256_fmadd_ps(pj, load8(v + 8), a1);
+            a2 = _mm256_fmadd_ps(pj, load8(v + 16), a2);
+            a3 = _mm256_fmadd_ps(pj, load8(v + 24), a3);
         }
         _mm256_storeu_ps(out + c, a0);
         _mm256_storeu_ps(out + c + 8, a1);
@@ -380,20 +396,35 @@ AVX2_FN static void weighted_sum_avx2(const float* p, const float* V, int64_t st
     }
     for (; c + 8 <= hd; c += 8) {
         __m256 a0 = _mm256_setzero_ps();
-        for (int64_t j = 0; j < n; ++j) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(V + j * stride + c), a0);
+        for (int64_t j = 0; j < n; ++j) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), load8(V + j * stride + c), a0);
         _mm256_storeu_ps(out + c, a0);
     }
     for (; c < hd; ++c) {
         float a = 0.f;
-        for (int64_t j = 0; j < n; ++j) a += p[j] * V[j * stride + c];
+        for (int64_t j = 0; j < n; ++j) a += p[j] * to_f32(V[j * stride + c]);
         out[c] = a;
     }
+}
+AVX2_FN static void weighted_sum_avx2(const float* p, const float* V, int64_t stride, int64_t n, int64_t hd, float* out) {
+    weighted_sum_any_avx2(p, V, stride, n, hd, out);
+}
+AVX2_FN static void weighted_sum_f16_avx2(const float* p, const uint16_t* V, int64_t stride, int64_t n, int64_t hd,
+                                          float* out) {
+    weighted_sum_any_avx2(p, V, stride, n, hd, out);
 }
 
 AVX2_FN static void f16_to_f32_avx2(const uint16_t* w, float* out, int64_t n) {
     int64_t k = 0;
     for (; k + 8 <= n; k += 8) _mm256_storeu_ps(out + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + k))));
     for (; k < n; ++k) out[k] = half_to_float(w[k]);
+}
+
+// F16C rounds to nearest even like float_to_half (a NaN stays a NaN; its payload may differ)
+AVX2_FN static void f32_to_f16_avx2(const float* x, uint16_t* out, int64_t n) {
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8)
+        _mm_storeu_si128((__m128i*)(out + k), _mm256_cvtps_ph(_mm256_loadu_ps(x + k), _MM_FROUND_TO_NEAREST_INT));
+    for (; k < n; ++k) out[k] = float_to_half(x[k]);
 }
 
 static bool has_avx2() {
@@ -428,8 +459,15 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) { DISPATCH(
 void axpy(float a, const float* x, float* y, int64_t n) { DISPATCH(axpy, a, x, y, n); }
 void softmax_inplace(float* x, int64_t n) { DISPATCH(softmax_inplace, x, n); }
 void f16_to_f32(const uint16_t* w, float* out, int64_t n) { DISPATCH(f16_to_f32, w, out, n); }
+void f32_to_f16(const float* x, uint16_t* out, int64_t n) { DISPATCH(f32_to_f16, x, out, n); }
 void weighted_sum(const float* p, const float* V, int64_t stride, int64_t n, int64_t hd, float* out) {
     DISPATCH(weighted_sum, p, V, stride, n, hd, out);
+}
+void weighted_sum_f16(const float* p, const uint16_t* V, int64_t stride, int64_t n, int64_t hd, float* out) {
+    DISPATCH(weighted_sum_f16, p, V, stride, n, hd, out);
+}
+void dot_f16_rows(const float* q, const uint16_t* K, int64_t stride, int64_t n, int64_t hd, float scale, float* out) {
+    DISPATCH(dot_f16_rows, q, K, stride, n, hd, scale, out);
 }
 
 const char* simd_name() {

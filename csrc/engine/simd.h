@@ -13,6 +13,8 @@ float dot_f32(const float* a, const float* b, int64_t n);
 // out[j] = scale · Σ_k q[k]·K[j·stride + k] for j < n (attention scores of one query against n
 // cached keys): 4 keys at a time with independent FMA chains and one transposing reduction.
 void dot_f32_rows(const float* q, const float* K, int64_t stride, int64_t n, int64_t hd, float scale, float* out);
+// The same over an fp16 cache: bit-identical to dot_f32_rows on the keys converted to fp32.
+void dot_f16_rows(const float* q, const uint16_t* K, int64_t stride, int64_t n, int64_t hd, float scale, float* out);
 // Σ_k half(w[k])·x[k]
 float dot_f16(const uint16_t* w, const float* x, int64_t n);
 // Σ_k w[k]·x[k], w int8
@@ -36,8 +38,12 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n);
 void axpy(float a, const float* x, float* y, int64_t n);
 // out[d] = Σ_j p[j]·V[j·stride + d] for d < hd (attention's weighted sum of values)
 void weighted_sum(const float* p, const float* V, int64_t stride, int64_t n, int64_t hd, float* out);
+// The same over an fp16 cache: bit-identical to weighted_sum on the values converted to fp32.
+void weighted_sum_f16(const float* p, const uint16_t* V, int64_t stride, int64_t n, int64_t hd, float* out);
 // out[k] = half(w[k]) (an embedding row)
 void f16_to_f32(const uint16_t* w, float* out, int64_t n);
+// out[k] = float_to_half(x[k]) (round to nearest even; the fp16 KV cache), the same bits on every path
+void f32_to_f16(const float* x, uint16_t* out, int64_t n);
 // "avx2+fma+f16c" or "portable": which of the above runs.
 const char* simd_name();
 

@@ -57,6 +57,29 @@ static int simd_selftest() {
             std::printf("dot/rows4/dot4 differ at n=%lld\n", (long long)n);
             return 1;
         }
+        // fp16 KV cache: f32_to_f16 is float_to_half's bits; the fp16 attention helpers equal the
+        // fp32 ones on the converted cache (n keys of head_dim hd = n, stride ld)
+        std::vector<float> xs = x;
+        xs[0] = 65520.0f, xs[1] = -1e-8f, xs[2] = 6.1e-5f, xs[3] = 5.96e-8f;  // overflow, underflow, (sub)normal edges
+        std::vector<uint16_t> h((size_t)(4 * ld));
+        f32_to_f16(xs.data(), h.data(), 4 * ld);
+        std::vector<float> hf((size_t)(4 * ld));
+        for (int64_t k = 0; k < 4 * ld; ++k) {
+            bad += h[(size_t)k] != float_to_half(xs[(size_t)k]);
+            hf[(size_t)k] = half_to_float(h[(size_t)k]);
+        }
+        const int64_t keys = std::min<int64_t>(4, n);
+        std::vector<float> s16((size_t)keys), s32((size_t)keys), o16((size_t)n), o32((size_t)n);
+        dot_f16_rows(x.data() + 3 * ld, h.data(), ld, keys, n, 0.125f, s16.data());
+        dot_f32_rows(x.data() + 3 * ld, hf.data(), ld, keys, n, 0.125f, s32.data());
+        weighted_sum_f16(x.data(), h.data(), ld, keys, n, o16.data());
+        weighted_sum(x.data(), hf.data(), ld, keys, n, o32.data());
+        for (int64_t j = 0; j < keys; ++j) bad += s16[(size_t)j] != s32[(size_t)j];
+        for (int64_t d = 0; d < n; ++d) bad += o16[(size_t)d] != o32[(size_t)d];
+        if (bad) {
+            std::printf("fp16 KV helpers differ at n=%lld\n", (long long)n);
+            return 1;
+        }
         std::vector<float> g((size_t)n), u((size_t)n), want((size_t)n);
         for (int64_t k = 0; k < n; ++k) g[(size_t)k] = ((int)(rnd() % 4001) - 2000) / 100.0f, u[(size_t)k] = x[(size_t)k];
         g[0] = n % 2 ? -200.0f : 200.0f;

@@ -171,12 +171,13 @@ def run(
     seed: Optional[int] = typer.Option(None, help="Sampling seed."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: all)."),
     head: str = typer.Option("f16", help="LM head precision: f16 | i8 (int8 per row)."),
+    kv_dtype: str = typer.Option("f32", "--kv-dtype", help="KV cache precision in the native engine: f32 | f16 (half the memory)."),
     ids: bool = typer.Option(False, "--ids", help="PROMPT is comma-separated token ids (models without a tokenizer)."),
 ) -> None:
     """Stream the continuation of PROMPT, then print prefill and decode speed."""
     from bitllm.engine import LLM
 
-    llm = LLM(model, threads=threads, head=head, verbose=True)
+    llm = LLM(model, threads=threads, head=head, kv_dtype=kv_dtype, verbose=True)
     p = [int(x) for x in prompt.split(",") if x.strip()] if ids else prompt
     for piece in llm.stream(p, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed):
@@ -199,11 +200,12 @@ def chat(
     top_p: float = typer.Option(0.9, help="Nucleus sampling mass."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: all)."),
     head: str = typer.Option("f16", help="LM head precision: f16 | i8."),
+    kv_dtype: str = typer.Option("f32", "--kv-dtype", help="KV cache precision in the native engine: f32 | f16 (half the memory)."),
 ) -> None:
     """Chat interactively (history kept): /reset clears it, /exit or Ctrl-D quits, Ctrl-C stops an answer."""
     from bitllm.engine import LLM
 
-    llm = LLM(model, threads=threads, head=head, verbose=True)
+    llm = LLM(model, threads=threads, head=head, kv_dtype=kv_dtype, verbose=True)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     console.print("[dim]/reset clears the history, /exit quits[/dim]")
@@ -254,13 +256,14 @@ def serve(
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt in tokens (default: the model's context - 1)."),
     max_body_bytes: int = typer.Option(1 << 20, help="Largest request body in bytes (then 413)."),
     head: str = typer.Option("f16", help="LM head precision in the native engine: f16 | i8."),
+    kv_dtype: str = typer.Option("f32", "--kv-dtype", help="KV cache precision in the native engine: f32 | f16 (half the memory)."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming) with a chat page at /."""
     from bitllm.engine.llm import LLM
     from bitllm.serve import ServeConfig
     from bitllm.serve import serve as run_server
 
-    llm = LLM(model, threads=threads, head=head, verbose=True)
+    llm = LLM(model, threads=threads, head=head, kv_dtype=kv_dtype, verbose=True)
     name = model_name or Path(str(model).rstrip("/")).name
     cfg = ServeConfig(model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, timeout=timeout,
                       max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes)

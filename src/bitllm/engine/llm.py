@@ -155,10 +155,13 @@ def _load_tokenizer(directory: Path):
 
 class LLM:
     """A loaded model. `backend`: "auto" (native engine when it supports the model, else transformers),
-    "native" or "hf". `head`: "f16" or "i8" (int8 per-row LM head, native only)."""
+    "native" or "hf". `head`: "f16" or "i8" (int8 per-row LM head, native only). `kv_dtype`: "f32" or
+    "f16" (the native engine's KV cache: f16 halves its memory and attention's reads, like llama.cpp's
+    default cache; keys and values are rounded once when stored)."""
 
     def __init__(self, model: str | os.PathLike, *, threads: int | None = None, head: str = "f16",
                  kernel_format: str | None = None, max_context: int | None = None, backend: str = "auto",
+                 kv_dtype: str = "f32",
                  tokenizer: Any = None, revision: str | None = None, token: str | None = None,
                  verbose: bool = False) -> None:
         from bitllm.engine.loader import load_engine, read_config
@@ -174,7 +177,7 @@ class LLM:
         self.backend: NativeBackend | HFBackend | None = None
         if backend in ("auto", "native"):
             try:
-                eng, _, info = load_engine(self.directory, head=head, kernel_format=kernel_format)
+                eng, _, info = load_engine(self.directory, head=head, kernel_format=kernel_format, kv_dtype=kv_dtype)
                 self.backend = NativeBackend(eng, ctx)
                 self.load_info = info
                 if verbose:
@@ -198,7 +201,7 @@ class LLM:
 
     @classmethod
     def from_model(cls, model, *, tokenizer: Any = None, threads: int | None = None, head: str = "f16",
-                   kernel_format: str | None = None, max_context: int | None = None) -> "LLM":
+                   kernel_format: str | None = None, max_context: int | None = None, kv_dtype: str = "f32") -> "LLM":
         """Wrap an in-memory model from bitllm.from_pretrained (native when supported, else transformers)."""
         from bitllm.engine.loader import engine_from_model
 
@@ -208,7 +211,7 @@ class LLM:
         self.config = model.config
         ctx = max_context or _context(model.config)
         try:
-            eng, _ = engine_from_model(model, head=head, kernel_format=kernel_format)
+            eng, _ = engine_from_model(model, head=head, kernel_format=kernel_format, kv_dtype=kv_dtype)
             self.backend = NativeBackend(eng, ctx)
         except UnsupportedModelError as e:
             print(f"bitllm: the native engine does not run this model ({e}); using transformers", file=sys.stderr)

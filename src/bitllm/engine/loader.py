@@ -254,30 +254,34 @@ def iter_tensors(spec: EngineSpec, src: _Source, config: dict[str, str]) -> Iter
 # --- entry points ----------------------------------------------------------------------------------
 
 
-def _options(config: dict[str, str], head: str, kernel_format: str | None) -> dict[str, str]:
+def _options(config: dict[str, str], head: str, kernel_format: str | None, kv_dtype: str = "f32") -> dict[str, str]:
     if head not in ("f16", "i8"):
         raise BitLLMError(f"head must be 'f16' or 'i8', got {head!r}")
+    if kv_dtype not in ("f32", "f16"):
+        raise BitLLMError(f"kv_dtype must be 'f32' or 'f16', got {kv_dtype!r}")
     config = dict(config, head=head)
+    if kv_dtype != "f32":  # a runtime choice: engine files keep the default unless asked
+        config["kv_dtype"] = kv_dtype
     if kernel_format is not None:
         config["kernel_format"] = kernel_format
     return config
 
 
-def load_engine(directory: Path, *, head: str = "f16", kernel_format: str | None = None):
+def load_engine(directory: Path, *, head: str = "f16", kernel_format: str | None = None, kv_dtype: str = "f32"):
     """Build a native engine from a checkpoint directory. Returns (engine, spec, info dict)."""
     from bitllm import _engine
 
     t0 = time.perf_counter()
     cfg, qc, _ = read_config(directory)
     spec = engine_spec(cfg, qc, str(directory / "config.json"))
-    config = _options(spec.config, head, kernel_format)
+    config = _options(spec.config, head, kernel_format, kv_dtype)
     src = _dir_source(directory)
     eng = _build(config, spec, src)
     info = {"load_s": time.perf_counter() - t0, "weight_bytes": eng.weight_bytes(), "config": config}
     return eng, spec, info
 
 
-def engine_from_model(model: nn.Module, *, head: str = "f16", kernel_format: str | None = None):
+def engine_from_model(model: nn.Module, *, head: str = "f16", kernel_format: str | None = None, kv_dtype: str = "f32"):
     """Build a native engine from an in-memory HF model with PackedLinear layers (bitllm.from_pretrained)."""
     qc = (getattr(model, "bitllm_source", None) or {}).get("quantization_config")
     if qc is None:
@@ -295,7 +299,7 @@ def engine_from_model(model: nn.Module, *, head: str = "f16", kernel_format: str
     if first.rms_norm is not None:
         spec.config["linear_norm_eps"] = repr(float(first.rms_norm.variance_epsilon))
     spec.config["onebit_ln_eps"] = repr(float(first.ln_eps))
-    config = _options(spec.config, head, kernel_format)
+    config = _options(spec.config, head, kernel_format, kv_dtype)
     from bitllm import _engine  # noqa: F401
 
     return _build(config, spec, _model_source(model)), spec
