@@ -129,11 +129,13 @@ def _stats(samples: list[float]) -> dict:
     return {"median": statistics.median(samples), "min": min(samples), "reps": len(samples)}
 
 
-def engine_runner(directory: Path, threads: int, head: str, kernel_format: str | None, pp: int, tg: int):
+def engine_runner(directory: Path, threads: int, head: str, kernel_format: str | None, pp: int, tg: int,
+                  kv_dtype: str = "f32"):
     """(LLM, rep): rep() times one prefill of pp tokens and one greedy decode of tg tokens (tok/s each)."""
     from bitllm.engine import LLM
 
-    llm = LLM(directory, threads=threads, head=head, kernel_format=kernel_format, max_context=pp + tg + 8)
+    llm = LLM(directory, threads=threads, head=head, kernel_format=kernel_format, max_context=pp + tg + 8,
+              kv_dtype=kv_dtype)
     be = llm.backend
     prompt = [int(t) for t in np.random.default_rng(1).integers(3, be.vocab, size=pp)]
 
@@ -161,8 +163,9 @@ def _run_reps(rep, reps: int) -> dict:
     return {"prefill_tps": _stats(list(pre)), "decode_tps": _stats(list(dec))}
 
 
-def bench_engine(directory: Path, threads: int, head: str, kernel_format: str | None, reps: int, pp: int, tg: int) -> dict:
-    llm, rep = engine_runner(directory, threads, head, kernel_format, pp, tg)
+def bench_engine(directory: Path, threads: int, head: str, kernel_format: str | None, reps: int, pp: int, tg: int,
+                 kv_dtype: str = "f32") -> dict:
+    llm, rep = engine_runner(directory, threads, head, kernel_format, pp, tg, kv_dtype)
     eng = llm.backend.engine
     return {**_run_reps(rep, reps), "bytes_per_token": eng.bytes_per_token(), "weight_bytes": eng.weight_bytes(),
             "load_s": llm.load_info.get("load_s")}
@@ -267,7 +270,7 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def child_rss(directory: str, head: str, kv_positions: int) -> None:
+def child_rss(directory: str, head: str, kv_positions: int, kv_dtype: str) -> None:
     import bitllm.engine  # noqa: F401  (libraries are not the model: import everything LLM() imports first)
     import bitllm.formats.checkpoint  # noqa: F401
     from bitllm import _engine  # noqa: F401
@@ -276,7 +279,7 @@ def child_rss(directory: str, head: str, kv_positions: int) -> None:
 
     read_config(Path(directory))
     base = _rss()
-    llm = LLM(directory, threads=1, head=head)
+    llm = LLM(directory, threads=1, head=head, kv_dtype=kv_dtype)
     slot = llm.backend.open(kv_positions)
     llm.backend.forward([slot], [[1]])
     eng = llm.backend.engine
@@ -284,13 +287,25 @@ def child_rss(directory: str, head: str, kv_positions: int) -> None:
                       "load_s": llm.load_info["load_s"]}))
 
 
-def measure_rss(directory: Path, head: str, kv_positions: int) -> dict:
+def measure_rss(directory: Path, head: str, kv_positions: int, kv_dtype: str) -> dict:
     r = subprocess.run([sys.executable, __file__, "--child-rss", str(directory), "--head", head,
-                        "--kv", str(kv_positions)], capture_output=True, text=True, check=True)
+                        "--kv", str(kv_positions), "--kv-dtype", kv_dtype], capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 # --- main ---------------------------------------------------------------------------------------------
+
+
+def _variant(v: str) -> tuple[str, str, str, str]:
+    """'llama-i2-i8[-kv16]' -> (layout, kernel format, head, KV cache dtype)."""
+    parts = v.split("-")
+    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "kv16"):
+        raise SystemExit(f"--variants: {v!r} is not layout-kernelformat-head[-kv16]")
+    return parts[0], parts[1], parts[2], "f16" if len(parts) == 4 else "f32"
+
+
+def _row_name(layout: str, kf: str, head: str, kv: str) -> str:
+    return f"bitllm {layout} {kf.upper()} head {head}" + (" kv f16" if kv == "f16" else "")
 
 
 def main() -> None:
@@ -306,7 +321,7 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--torch-dtypes", default="fp32,bf16")
     ap.add_argument("--variants", default="llama-i2-i8,llama-t1-i8,llama-i2-f16,bitnet-i2-i8",
-                    help="bitllm rows as layout-kernelformat-head")
+                    help="bitllm rows as layout-kernelformat-head[-kv16] (kv16: the fp16 KV cache)")
     ap.add_argument("--gguf", default=None, help="llama.cpp hook: a GGUF of the same weights")
     ap.add_argument("--llamacpp", action="store_true",
                     help="export the Llama-layout weights to GGUF TQ2_0 / TQ1_0 (head Q8_0) and run llama.cpp on them")
@@ -318,9 +333,10 @@ def main() -> None:
     ap.add_argument("--child-rss", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--head", default="i8", help=argparse.SUPPRESS)
     ap.add_argument("--kv", type=int, default=256, help=argparse.SUPPRESS)
+    ap.add_argument("--kv-dtype", default="f32", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child_rss:
-        return child_rss(a.child_rss, a.head, a.kv)
+        return child_rss(a.child_rss, a.head, a.kv, a.kv_dtype)
     from bitllm import _engine
 
     shape_name = "quick" if a.quick else a.shape
@@ -354,14 +370,14 @@ def main() -> None:
         size = sum(f.stat().st_size for f in dirs[layout].glob("*.safetensors"))
         print(f"{verb} random {layout} checkpoint: {size / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s")
 
-    variants = [tuple(v.split("-")) for v in a.variants.split(",") if v]
+    variants = [_variant(v) for v in a.variants.split(",") if v]
     rows, results = [], []
-    for layout, kf, head in variants:
-        mem = measure_rss(dirs[layout], head, a.pp + a.tg)
+    for layout, kf, head, kv in variants:
+        mem = measure_rss(dirs[layout], head, a.pp + a.tg, kv)
         size = sum(f.stat().st_size for f in dirs[layout].glob("*.safetensors"))
         for t in threads:
-            r = bench_engine(dirs[layout], t, head, kf, reps, a.pp, a.tg)
-            r.update(name=f"bitllm {layout} {kf.upper()} head {head}", threads=t, file_bytes=size, **mem)
+            r = bench_engine(dirs[layout], t, head, kf, reps, a.pp, a.tg, kv)
+            r.update(name=_row_name(layout, kf, head, kv), threads=t, file_bytes=size, **mem)
             results.append(r)
     if not a.no_torch:
         for dt in (("fp32",) if a.quick else a.torch_dtypes.split(",")):
@@ -421,11 +437,11 @@ def main() -> None:
         if r:
             keep.append(r[0])
             contenders["llama.cpp TQ2_0"] = r[1]
-            for layout, kf, head in variants:
+            for layout, kf, head, kv in variants:
                 if layout == "llama":
-                    llm, rep = engine_runner(dirs[layout], t, head, kf, a.pp, a.tg)
+                    llm, rep = engine_runner(dirs[layout], t, head, kf, a.pp, a.tg, kv)
                     keep.append(llm)
-                    contenders[f"bitllm llama {kf.upper()} head {head}"] = rep
+                    contenders[_row_name(layout, kf, head, kv)] = rep
             paired = paired_rounds(contenders, a.paired)
             print(f"\nPaired rounds ({a.paired}, {t} threads; each ratio taken within a round, then the median; "
                   f"load avg now {loadavg()}):")
