@@ -128,6 +128,24 @@ def test_batch_add_step_cancel(llm):
     assert eng.num_sequences() == base
 
 
+def test_batched_step_logits_equal_solo(llm):
+    """One step of 6 sequences (the head takes 4 rows at a time, then 2 alone; every kernel sees M = 6)
+    gives each sequence exactly the logits it gets alone: batching changes no arithmetic."""
+    be = llm.backend
+    prompts = [[1, 5 + i, 9, 13 + 2 * i][: 2 + i % 3] for i in range(6)]
+    slots = [be.open(16) for _ in prompts]
+    be.forward(slots, prompts)
+    together = be.forward(slots, [[7 + i] for i in range(6)])
+    for s in slots:
+        be.close(s)
+    for i, p in enumerate(prompts):
+        s = be.open(16)
+        be.forward([s], [p])
+        alone = be.forward([s], [[7 + i]])
+        be.close(s)
+        assert np.array_equal(alone[0], together[i]), i
+
+
 def test_eos_stops(llm):
     eos = llm.eos_token_ids[0]
     b = llm.batch()
