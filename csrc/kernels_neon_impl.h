@@ -3,6 +3,7 @@
 // The including file defines BITLLM_NEON_TABLE and, for the dotprod build, BITLLM_NEON_DOTPROD.
 #include <arm_neon.h>
 
+#include <cstring>
 #include <vector>
 
 #include "kernels_internal.h"
@@ -26,9 +27,43 @@ void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
                     }
                 }
             break;
-        case Format::T1:  // 5 bits per 3 weights: the scalar decoder (a tbl-based one is future work)
-            decode_row_codes_generic(f, row, Kp, codes);
+        case Format::T1: {
+            // Per 48-column block: the 16 group codes v = nibble | high bit << 4 (t1_code's bytes and
+            // shifts, gathered with tbl), their 3 base-3 digits by 32-entry tbl lookups (every 5-bit
+            // code, 27..31 included, as decode_row_codes_generic), and one 3-way interleaving store:
+            // digit j of group g is column 3g + j.
+            static const uint8_t kNibByte[16] = {0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7};
+            static const int8_t kNibShift[16] = {0, 0, -4, -4, 0, 0, -4, -4, 0, 0, -4, -4, 0, 0, -4, -4};
+            static const uint8_t kHiByte[16] = {8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9};
+            static const uint8_t kHiBit[16] = {1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 64, 64, 128, 128};
+            static const struct Digits {
+                uint8_t d[3][32];
+                Digits() {
+                    for (int v = 0; v < 32; ++v) d[0][v] = uint8_t(v % 3), d[1][v] = uint8_t(v / 3 % 3), d[2][v] = uint8_t(v / 9 % 3);
+                }
+            } kDigits;
+            const uint8x16_t nib_byte = vld1q_u8(kNibByte), hi_byte = vld1q_u8(kHiByte), hi_bit = vld1q_u8(kHiBit);
+            const int8x16_t nib_shift = vld1q_s8(kNibShift);
+            uint8x16x2_t dt[3];
+            for (int j = 0; j < 3; ++j) dt[j] = {{vld1q_u8(kDigits.d[j]), vld1q_u8(kDigits.d[j] + 16)}};
+            const int64_t nb = Kp / kT1Weights, row_bytes = nb * (int64_t)sizeof(BlockT1);
+            for (int64_t b = 0; b < nb; ++b) {
+                const int64_t at = (int64_t)sizeof(BlockT1) * b;
+                uint8_t tail[16] = {0};
+                const uint8_t* blk = row + at;
+                if (at + 16 > row_bytes) blk = static_cast<const uint8_t*>(std::memcpy(tail, row + at, sizeof(BlockT1)));
+                const uint8x16_t v = vld1q_u8(blk);
+                const uint8x16_t nib = vandq_u8(vshlq_u8(vqtbl1q_u8(v, nib_byte), nib_shift), vdupq_n_u8(15));
+                const uint8x16_t hi = vandq_u8(vtstq_u8(vqtbl1q_u8(v, hi_byte), hi_bit), vdupq_n_u8(16));
+                const uint8x16_t code = vorrq_u8(nib, hi);
+                uint8x16x3_t d;
+                d.val[0] = vqtbl2q_u8(dt[0], code);
+                d.val[1] = vqtbl2q_u8(dt[1], code);
+                d.val[2] = vqtbl2q_u8(dt[2], code);
+                vst3q_u8(codes + kT1Weights * b, d);
+            }
             break;
+        }
         case Format::B1: {
             // 16 codes from 2 bytes: each byte copied to 8 lanes, lane i tests bit i (code 0 if set, else 2)
             static const uint8_t kRep[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
