@@ -51,12 +51,13 @@ def build_model(directory: Path, hidden: int, layers: int, ffn: int) -> Path:
     return directory
 
 
-def engine_baseline(model: Path, threads: int, sizes: list[int], tokens: int, reps: int = 5) -> dict[int, float]:
+def engine_baseline(model: Path, threads: int, sizes: list[int], tokens: int, reps: int = 5,
+                    kv_dtype: str = "f32") -> dict[int, float]:
     """Generated tok/s of the engine's own Batch at each batch size (no HTTP): the ceiling the server
     shares its steps toward. Median of `reps` runs after a warm-up."""
     import bitllm
 
-    llm = bitllm.LLM(model, threads=threads)
+    llm = bitllm.LLM(model, threads=threads, kv_dtype=kv_dtype)
     out = {}
     for n in sizes:
         rates = []
@@ -77,9 +78,9 @@ def engine_baseline(model: Path, threads: int, sizes: list[int], tokens: int, re
     return out
 
 
-def start_server(model: Path, port: int, threads: int, max_batch: int) -> subprocess.Popen:
+def start_server(model: Path, port: int, threads: int, max_batch: int, kv_dtype: str = "f32") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bitllm.cli", "serve", str(model), "--port", str(port), "--threads", str(threads),
-           "--max-batch", str(max_batch), "--max-queue", "256", "--timeout", "120"]
+           "--max-batch", str(max_batch), "--max-queue", "256", "--timeout", "120", "--kv-dtype", kv_dtype]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
@@ -147,9 +148,10 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict, hang_up_after: int | None = None) -> dict:
-    """One streaming chat request: TTFT, per-chunk gaps, tokens (from the usage chunk), status."""
+    """One streaming chat request: TTFT, per-chunk gaps and arrival times, tokens (from the usage
+    chunk), status."""
     t0 = time.perf_counter()
-    first, last, gaps, tokens, done, chunks = None, None, [], 0, False, 0
+    first, last, gaps, tokens, done, chunks, times = None, None, [], 0, False, 0, []
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             await r.aread()
@@ -168,6 +170,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict, hang_up_af
                 tokens = msg["usage"]["completion_tokens"]
             if msg["choices"] and msg["choices"][0]["delta"].get("content"):
                 now = time.perf_counter()
+                times.append(now)
                 if first is None:
                     first = now
                 else:
@@ -177,13 +180,18 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict, hang_up_af
                 if hang_up_after is not None and chunks >= hang_up_after:
                     return {"status": 200, "ok": True, "hung_up": True}
     return {"status": 200, "ok": done, "ttft": (first or time.perf_counter()) - t0, "gaps": gaps, "tokens": tokens,
+            "times": times,
             "itl": (last - first) / max(1, tokens - 1) if first is not None and last is not None else None}
 
 
 async def run_level(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
-    """`clients` workers send requests back to back for `seconds`; in-flight requests then finish."""
+    """`clients` workers send requests back to back for `seconds`; in-flight requests then finish.
+    tok_s counts the tokens that arrived within those `seconds` (when `clients` streams are running):
+    requests still in flight at the deadline finish with fewer and fewer streams, a tail that says
+    nothing about N-stream throughput (tok_s_all includes it)."""
     results: list[dict] = []
-    deadline = time.perf_counter() + seconds
+    start = time.perf_counter()
+    deadline = start + seconds
 
     async def worker(i: int) -> None:
         rng = random.Random(i)
@@ -197,15 +205,22 @@ async def run_level(url: str, clients: int, seconds: float, max_tokens: int) -> 
                 except httpx.HTTPError as e:
                     results.append({"status": 0, "ok": False, "error": repr(e)})
 
+    async def at_deadline() -> dict:  # /metrics when the window closes (its batch sizes: N streams only)
+        await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
+        return await asyncio.to_thread(scrape, url)
+
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker(i) for i in range(clients)))
+    snap, *_ = await asyncio.gather(at_deadline(), *(worker(i) for i in range(clients)))
     wall = time.perf_counter() - t0
     ok = [r for r in results if r["ok"]]
     tokens = sum(r["tokens"] for r in ok)
+    # tokens per request are exact (usage); content chunks are ~1 token each: scale by the chunk share
+    window = sum(r["tokens"] * sum(start <= t <= deadline for t in r["times"]) / len(r["times"]) for r in ok if r["times"])
     gaps = [g for r in ok for g in r["gaps"]]
     ttft = [r["ttft"] for r in ok]
     return {"clients": clients, "requests": len(results), "errors": len(results) - len(ok), "tokens": tokens,
-            "wall_s": wall, "tok_s": tokens / wall, "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
+            "wall_s": wall, "tok_s": window / seconds, "tok_s_all": tokens / wall, "metrics_at_deadline": snap,
+            "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
             "itl_p50_ms": 1e3 * pct(gaps, 50), "itl_p99_ms": 1e3 * pct(gaps, 99),
             "itl_mean_per_token_ms": 1e3 * statistics.mean([r["itl"] for r in ok if r["itl"]]) if ok else float("nan")}
 
@@ -300,6 +315,7 @@ def main() -> None:
     ap.add_argument("--malformed", type=float, default=0.1, help="soak: fraction of malformed requests")
     ap.add_argument("--hang-up", type=float, default=0.05, help="soak: fraction of streams the client abandons")
     ap.add_argument("--no-roofline", action="store_true")
+    ap.add_argument("--kv-dtype", default="f32", choices=("f32", "f16"), help="the server's KV cache (bitllm serve --kv-dtype)")
     args = ap.parse_args()
 
     from bitllm import _engine
@@ -310,10 +326,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(Path(tmp) / "model", args.hidden, args.layers, args.ffn)
         print(f"model: random ternary llama, hidden {args.hidden}, FFN {args.ffn}, {args.layers} layers, vocab 320, I2; "
-              f"server: --threads {args.threads} --max-batch {args.max_batch}")
+              f"server: --threads {args.threads} --max-batch {args.max_batch} --kv-dtype {args.kv_dtype}")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = start_server(model, port, args.threads, args.max_batch)
+        proc = start_server(model, port, args.threads, args.max_batch, args.kv_dtype)
         try:
             asyncio.run(run_level(url, 2, 2.0, 8))  # warm-up
             if args.soak:
@@ -341,30 +357,35 @@ def main() -> None:
             else:
                 rows, levels = [], []
                 sizes = [int(x) for x in args.levels.split(",")]
-                engine = engine_baseline(model, args.threads, sizes, args.max_tokens)
+                engine = engine_baseline(model, args.threads, sizes, args.max_tokens, kv_dtype=args.kv_dtype)
                 for n in sizes:
                     before, s0, c0 = scrape(url), cpu_seconds(proc.pid), cpu_seconds()
                     res = asyncio.run(run_level(url, n, args.seconds, args.max_tokens))
                     res["server_cpu_s"], res["client_cpu_s"] = cpu_seconds(proc.pid) - s0, cpu_seconds() - c0
-                    res["batch"] = batch_sizes(before, scrape(url))
+                    res["batch"] = batch_sizes(before, res.pop("metrics_at_deadline"))  # the window's steps
+                    res["batch_all"] = batch_sizes(before, scrape(url))
                     levels.append(res)
                 base, ebase = levels[0]["tok_s"], engine[sizes[0]]
                 for r in levels:
                     e = engine[r["clients"]]
                     r["engine_tok_s"] = e
                     rows.append([r["clients"], r["requests"], r["errors"], f"{r['tok_s']:.0f}", f"{r['tok_s'] / base:.2f}x",
+                                 f"{r['tok_s_all']:.0f}",
                                  f"{e:.0f}", f"{e / ebase:.2f}x", f"{r['tok_s'] / e:.0%}",
                                  f"{r['ttft_p50_ms']:.1f}", f"{r['ttft_p99_ms']:.1f}", f"{r['itl_p50_ms']:.2f}",
                                  f"{r['itl_p99_ms']:.2f}", f"{r['batch']['mean']:.1f}",
                                  f"{1e3 * r['server_cpu_s'] / max(1, r['tokens']):.2f}",
                                  f"{1e3 * r['client_cpu_s'] / max(1, r['tokens']):.2f}"])
-                print(fmt_table(["clients", "requests", "errors", "server tok/s", "vs 1", "engine tok/s", "vs 1",
+                print(fmt_table(["clients", "requests", "errors", "server tok/s", "vs 1", "incl. tail", "engine tok/s", "vs 1",
                                  "server/engine", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
                                  "mean batch", "server CPU ms/tok", "client CPU ms/tok"], rows))
                 print("engine tok/s: the same model's Batch at batch size = clients, no HTTP (median of 5); "
-                      "server tok/s: aggregate over all streams for the level's duration")
+                      "server tok/s: tokens of all streams that arrived within the level's seconds, per second "
+                      "(incl. tail: every token of every request, over the time until the last in-flight request "
+                      "finished with fewer streams); mean batch: the window's steps")
                 for r in levels:
-                    print(f"batch sizes at {r['clients']} clients (steps per histogram bucket): {r['batch']['hist']}")
+                    print(f"batch sizes at {r['clients']} clients (steps per histogram bucket): window {r['batch']['hist']}, "
+                          f"incl. tail {r['batch_all']['hist']}")
                 path = write_results(f"serve_load_h{args.hidden}_l{args.layers}", {"args": vars(args), "load_avg": loadavg(), "levels": levels})
             print(f"load avg after: {loadavg()}\nwrote {path}")
         finally:
