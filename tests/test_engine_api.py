@@ -203,6 +203,11 @@ def test_fallback_runs_through_transformers(tmp_path, capfd, family):
             assert greedy == bool((logits[len(ctx) - 1: -1].argmax(-1) == torch.tensor(cont)).all())
     with pytest.raises(UnsupportedModelError, match="model_type"):
         LLM(d, backend="native")
+    capfd.readouterr()
+    LLM(d, backend="hf", kv_dtype="f16")  # a native-only option: said so, not silently dropped
+    assert "apply to the native engine only" in capfd.readouterr().err
+    with pytest.raises(BitLLMError, match="kv_dtype"):
+        LLM(d, backend="hf", kv_dtype="int4")
 
 
 # --- bad input ---------------------------------------------------------------------------------------

@@ -164,11 +164,12 @@ class LLM:
                  kv_dtype: str = "f32",
                  tokenizer: Any = None, revision: str | None = None, token: str | None = None,
                  verbose: bool = False) -> None:
-        from bitllm.engine.loader import load_engine, read_config
+        from bitllm.engine.loader import check_options, load_engine, read_config
         from bitllm.formats.checkpoint import resolve_model_dir
 
         if backend not in ("auto", "native", "hf"):
             raise BitLLMError(f"backend must be 'auto', 'native' or 'hf', got {backend!r}")
+        check_options(head, kv_dtype)
         self.threads = set_threads(threads)
         self.directory = resolve_model_dir(model, revision, token)
         self.config, _, _ = read_config(self.directory)
@@ -191,6 +192,9 @@ class LLM:
         if self.backend is None:
             from bitllm.formats.checkpoint import from_pretrained
 
+            if (head, kv_dtype) != ("f16", "f32"):
+                print(f"bitllm: head={head!r} and kv_dtype={kv_dtype!r} apply to the native engine only; "
+                      "transformers keeps its own head and cache", file=sys.stderr)
             t0 = time.perf_counter()
             self.backend = HFBackend(from_pretrained(self.directory), ctx)
             torch.set_num_threads(self.threads)

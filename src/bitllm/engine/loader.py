@@ -254,11 +254,16 @@ def iter_tensors(spec: EngineSpec, src: _Source, config: dict[str, str]) -> Iter
 # --- entry points ----------------------------------------------------------------------------------
 
 
-def _options(config: dict[str, str], head: str, kernel_format: str | None, kv_dtype: str = "f32") -> dict[str, str]:
+def check_options(head: str, kv_dtype: str) -> None:
+    """The native engine's run-time options: BitLLMError naming a bad value."""
     if head not in ("f16", "i8"):
         raise BitLLMError(f"head must be 'f16' or 'i8', got {head!r}")
     if kv_dtype not in ("f32", "f16"):
         raise BitLLMError(f"kv_dtype must be 'f32' or 'f16', got {kv_dtype!r}")
+
+
+def _options(config: dict[str, str], head: str, kernel_format: str | None, kv_dtype: str = "f32") -> dict[str, str]:
+    check_options(head, kv_dtype)
     config = dict(config, head=head)
     if kv_dtype != "f32":  # a runtime choice: engine files keep the default unless asked
         config["kv_dtype"] = kv_dtype
