@@ -128,10 +128,11 @@ def test_batch_add_step_cancel(llm):
     assert eng.num_sequences() == base
 
 
-def test_batched_step_logits_equal_solo(llm):
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_batched_step_logits_equal_solo(text_model, kv_dtype):
     """One step of 6 sequences (the head takes 4 rows at a time, then 2 alone; every kernel sees M = 6)
     gives each sequence exactly the logits it gets alone: batching changes no arithmetic."""
-    be = llm.backend
+    be = LLM(text_model, threads=2, kv_dtype=kv_dtype).backend
     prompts = [[1, 5 + i, 9, 13 + 2 * i][: 2 + i % 3] for i in range(6)]
     slots = [be.open(16) for _ in prompts]
     be.forward(slots, prompts)
