@@ -23,7 +23,6 @@ static float hsum8(const float* l) {
     return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
 }
 
-
 #if defined(__aarch64__)
 using hw_half = __fp16;  // hardware conversion on every ARMv8 core
 static inline float h2f(uint16_t h) {
