@@ -64,13 +64,6 @@ struct Fmt<Format::I2> {
 // each code's 3 base-3 digits are two 16-entry table lookups (code < 16 or not), then the three
 // digit vectors are interleaved to column order 3g + j.
 inline void t1_block_codes(const uint8_t* blk, uint8_t* c) {
-    alignas(16) static const struct Tables {
-        uint8_t d[3][2][16];  // digit j of code 16h + i
-        Tables() {
-            for (int j = 0, p = 1; j < 3; ++j, p *= 3)
-                for (int v = 0; v < 32; ++v) d[j][v >> 4][v & 15] = uint8_t(v / p % 3);  // as kT1Digits
-        }
-    } T;
     uint64_t nib8;
     uint16_t hb2;
     std::memcpy(&nib8, blk, 8);
@@ -84,8 +77,8 @@ inline void t1_block_codes(const uint8_t* blk, uint8_t* c) {
     const __m128i high = _mm_cmpeq_epi8(_mm_and_si128(h, bit), bit);  // 0xFF: code >= 16
     __m128i d[3];
     for (int j = 0; j < 3; ++j)
-        d[j] = _mm_blendv_epi8(_mm_shuffle_epi8(_mm_load_si128((const __m128i*)T.d[j][0]), nib),
-                               _mm_shuffle_epi8(_mm_load_si128((const __m128i*)T.d[j][1]), nib), high);
+        d[j] = _mm_blendv_epi8(_mm_shuffle_epi8(_mm_load_si128((const __m128i*)kT1Digits.d[j]), nib),
+                               _mm_shuffle_epi8(_mm_load_si128((const __m128i*)(kT1Digits.d[j] + 16)), nib), high);
     // output byte o (0..47) = d[o % 3][o / 3]
     alignas(16) static const struct Interleave {
         int8_t idx[3][3][16];  // [output 16-byte part][digit j]

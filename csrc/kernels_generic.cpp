@@ -10,15 +10,6 @@ namespace bitllm {
 // Decode one row into codes w+1
 // ============================================================================================
 
-// The 3 base-3 digits (first column least significant) of every 5-bit T1 code (27..31: unused).
-static const struct T1Digits {
-    uint8_t d[32][3];
-    T1Digits() {
-        for (int v = 0; v < 32; ++v) d[v][0] = uint8_t(v % 3), d[v][1] = uint8_t(v / 3 % 3), d[v][2] = uint8_t(v / 9 % 3);
-    }
-    const uint8_t* operator[](int v) const { return d[v]; }
-} kT1Digits;
-
 void decode_row_codes_generic(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
     switch (f) {
         case Format::I2:
@@ -34,8 +25,8 @@ void decode_row_codes_generic(Format f, const uint8_t* row, int64_t Kp, uint8_t*
                 const uint8_t* blk = row + (int64_t)sizeof(BlockT1) * b;
                 uint8_t* c = codes + kT1Weights * b;
                 for (int g = 0; g < 16; ++g) {
-                    const uint8_t* d = kT1Digits[t1_code(blk, g)];  // codes < 27 for every packed matrix
-                    c[3 * g] = d[0], c[3 * g + 1] = d[1], c[3 * g + 2] = d[2];
+                    const int v = t1_code(blk, g);  // < 27 for every packed matrix
+                    c[3 * g] = kT1Digits.d[0][v], c[3 * g + 1] = kT1Digits.d[1][v], c[3 * g + 2] = kT1Digits.d[2][v];
                 }
             }
             break;

@@ -226,6 +226,17 @@ void t1_table_rows(const PackedView& w, const A8Acts& a, const float* wscale, co
                                            bias, n);
 }
 
+// Digit j (base 3, the group's first column least significant) of every 5-bit T1 code v, 27..31
+// included (a packer writes codes < 27 only): the scalar decoder's table and the SIMD decoders'
+// lookup tables (AVX2: d[j] + 16·h as two 16-entry pshufb tables; NEON: one 32-entry tbl2).
+struct T1DigitTable {
+    alignas(16) uint8_t d[3][32];
+    constexpr T1DigitTable() : d{} {
+        for (int v = 0; v < 32; ++v) d[0][v] = uint8_t(v % 3), d[1][v] = uint8_t(v / 3 % 3), d[2][v] = uint8_t(v / 9 % 3);
+    }
+};
+inline constexpr T1DigitTable kT1Digits{};
+
 // T1 row order: the nibble of group g (0..15) of a block is in byte 2(g/4) + g%2, high nibble iff
 // (g/2) is odd; its high bit is bit g/2 of byte 8 + g%2.
 inline int t1_code(const uint8_t* blk, int g) {

@@ -36,16 +36,10 @@ void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
             static const int8_t kNibShift[16] = {0, 0, -4, -4, 0, 0, -4, -4, 0, 0, -4, -4, 0, 0, -4, -4};
             static const uint8_t kHiByte[16] = {8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9};
             static const uint8_t kHiBit[16] = {1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 64, 64, 128, 128};
-            static const struct Digits {
-                uint8_t d[3][32];
-                Digits() {
-                    for (int v = 0; v < 32; ++v) d[0][v] = uint8_t(v % 3), d[1][v] = uint8_t(v / 3 % 3), d[2][v] = uint8_t(v / 9 % 3);
-                }
-            } kDigits;
             const uint8x16_t nib_byte = vld1q_u8(kNibByte), hi_byte = vld1q_u8(kHiByte), hi_bit = vld1q_u8(kHiBit);
             const int8x16_t nib_shift = vld1q_s8(kNibShift);
             uint8x16x2_t dt[3];
-            for (int j = 0; j < 3; ++j) dt[j] = {{vld1q_u8(kDigits.d[j]), vld1q_u8(kDigits.d[j] + 16)}};
+            for (int j = 0; j < 3; ++j) dt[j] = {{vld1q_u8(kT1Digits.d[j]), vld1q_u8(kT1Digits.d[j] + 16)}};
             const int64_t nb = Kp / kT1Weights, row_bytes = nb * (int64_t)sizeof(BlockT1);
             for (int64_t b = 0; b < nb; ++b) {
                 const int64_t at = (int64_t)sizeof(BlockT1) * b;
