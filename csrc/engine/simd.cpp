@@ -301,9 +301,8 @@ AVX2_FN static inline void rows4_avx2(Load wv, const char* ahead, int64_t line_s
 
 AVX2_FN static void rows4_f16_avx2(const uint16_t* w, int64_t ldw, const float* x, int64_t n, float* out) {
     const int64_t n16 = n / 16 * 16, n8 = n / 8 * 8;
-    rows4_avx2([w, ldw](int i, int64_t k) AVX2_FN {
-        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + i * ldw + k)));
-    }, (const char*)(w + 8 * ldw), 128, x, n16, n8, out);
+    rows4_avx2([w, ldw](int i, int64_t k) AVX2_FN { return load8(w + i * ldw + k); }, (const char*)(w + 8 * ldw), 128,
+               x, n16, n8, out);
     for (int i = 0; i < 4; ++i)
         for (int64_t k = n8; k < n; ++k) out[i] += half_to_float(w[i * ldw + k]) * x[k];
 }
@@ -341,8 +340,7 @@ AVX2_FN static inline void dot4_avx2(Load wv, const float* x, int64_t ldx, int64
 
 AVX2_FN static void dot4_f16_avx2(const uint16_t* w, const float* x, int64_t ldx, int64_t n, float* out) {
     const int64_t n16 = n / 16 * 16, n8 = n / 8 * 8;
-    dot4_avx2([w](int64_t k) AVX2_FN { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + k))); }, x, ldx, n,
-              n16, n8, out);
+    dot4_avx2([w](int64_t k) AVX2_FN { return load8(w + k); }, x, ldx, n, n16, n8, out);
     for (int64_t k = n8; k < n; ++k)
         for (int i = 0; i < 4; ++i) out[i] += half_to_float(w[k]) * x[i * ldx + k];
 }
@@ -414,7 +412,7 @@ AVX2_FN static void weighted_sum_f16_avx2(const float* p, const uint16_t* V, int
 
 AVX2_FN static void f16_to_f32_avx2(const uint16_t* w, float* out, int64_t n) {
     int64_t k = 0;
-    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(out + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + k))));
+    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(out + k, load8(w + k));
     for (; k < n; ++k) out[k] = half_to_float(w[k]);
 }
 
