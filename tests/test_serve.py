@@ -202,6 +202,91 @@ def test_malformed_requests(server, client):
         client.completions.create(model="tiny", prompt="x", stop=["a", "b", "c", "d", "e"])
 
 
+def test_null_means_not_given(server):
+    """OpenAI's optional fields are nullable; clients that serialize every field send `null`."""
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "stop", "seed", "logprobs", "presence_penalty",
+                           "frequency_penalty", "stream_options", "echo", "best_of", "suffix"])
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, **nulls})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}], "max_tokens": None, "max_completion_tokens": 2, "stream": True,
+        "stream_options": {"include_usage": None}, "tools": None, "response_format": None, "logit_bias": None})
+    assert r.status_code == 200, r.text
+    assert r.text.rstrip().endswith("data: [DONE]") and '"usage"' not in r.text
+
+
+def test_negative_seed_is_a_seed(client):
+    kw = dict(model="tiny", prompt="0123", max_tokens=8, temperature=1.0, seed=-1)  # e.g. SillyTavern sends -1
+    a = client.completions.create(**kw).choices[0].text
+    assert a == client.completions.create(**kw).choices[0].text
+
+
+def test_fields_that_change_the_answer_are_refused(server, client):
+    url, user = server.url, [{"role": "user", "content": "x"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for path, extra, param in [
+        ("/v1/chat/completions", {"tools": [tool]}, "tools"),
+        ("/v1/chat/completions", {"functions": [tool["function"]]}, "functions"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"logit_bias": {"50": 100}}, "logit_bias"),
+        ("/v1/completions", {"suffix": "end"}, "suffix"),
+        ("/v1/completions", {"best_of": 3}, "best_of"),
+    ]:
+        body = {"messages": user} if "chat" in path else {"prompt": "x"}
+        assert error_of(httpx.post(url + path, json={**body, "max_tokens": 2, **extra}), 400)["param"] == param
+    with pytest.raises(openai.BadRequestError, match="tool"):
+        client.chat.completions.create(model="tiny", messages=user, max_tokens=2, tools=[tool])
+    # harmless ones still work: empty lists and maps, plain text format, bookkeeping fields
+    r = client.chat.completions.create(model="tiny", messages=user, max_tokens=2, tools=[], logit_bias={},
+                                       response_format={"type": "text"}, user="u1", metadata={"k": "v"})
+    assert r.usage.completion_tokens == 2
+
+
+def test_body_errors(server):
+    url = server.url + "/v1/completions"
+
+    def chunks():  # no content-length: the limit must hold while the body streams in
+        yield b'{"prompt": "' + b"x" * (1 << 20)
+        yield b'"}'
+
+    big = httpx.post(url, content=chunks(), headers={"content-type": "application/json"})
+    assert error_of(big, 413)["code"] == "request_too_large"
+    form = httpx.post(url, content=b'{"prompt": "x"}', headers={"content-type": "application/x-www-form-urlencoded"})
+    assert "Content-Type: application/json" in error_of(form, 400)["message"]  # curl -d without -H
+    streamed = httpx.post(url, json={"prompt": [1, 99999], "stream": True})  # refused before a 200 goes out
+    assert error_of(streamed, 400)["param"] == "prompt"
+    chat = httpx.post(server.url + "/v1/chat/completions",
+                      json={"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10_000})
+    assert error_of(chat, 400)["param"] == "max_completion_tokens"
+
+
+def test_model_lookup_and_name(client):
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4o")
+    # any requested name is answered by the served model, and the answer says which model that was
+    assert client.completions.create(model="gpt-4o", prompt="x", max_tokens=1).model == "tiny"
+
+
+def test_chat_without_template_ends_the_turn_like_llm_chat(llm, server, client, monkeypatch):
+    """A model without a chat template sees a "User: ... Assistant:" transcript; as in LLM.chat, the
+    answer must stop at the next "\nUser:" instead of writing the user's turns too."""
+    seen = []
+    submit = server.engine.submit
+
+    def spy(ids, params, *a, **k):
+        seen.append(params.stop)
+        return submit(ids, params, *a, **k)
+
+    monkeypatch.setattr(server.engine, "submit", spy)
+    monkeypatch.setattr(llm.tokenizer, "chat_template", None)
+    messages = [{"role": "user", "content": "Hi"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, stop="zz")
+    assert seen == [("zz", "\nUser:")]
+    assert r.choices[0].message.content == llm.chat(messages, max_new_tokens=8, stop=["zz"])
+
+
 def test_internal_errors_are_clean_500(llm, server, client, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("secret detail /home/x/file.py line 3")

@@ -2,10 +2,11 @@
 
     app = create_app(bitllm.LLM("model-dir"), ServeConfig(api_key="..."))
 
-Routes: GET / (chat page), GET /health, GET /metrics, GET /v1/models, POST /v1/completions,
-POST /v1/chat/completions. Tokenizing, chat templates, sampling, stop strings and incremental
-detokenization are the engine's (`LLM.encode`, `LLM.chat_ids`, `Batch.add/step/text_delta`); this
-module only parses requests, checks limits and shapes the answers. User guide: docs/serve.md.
+Routes: GET / (chat page), GET /health, GET /metrics, GET /v1/models, GET /v1/models/{id},
+POST /v1/completions, POST /v1/chat/completions. Tokenizing, chat templates, sampling, stop strings
+and incremental detokenization are the engine's (`LLM.encode`, `LLM.chat_ids`,
+`Batch.add/step/text_delta`); this module only parses requests, checks limits and shapes the
+answers. User guide: docs/serve.md.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
     context = int(llm.backend.max_context)
     max_prompt = min(cfg.max_prompt_tokens or context - 1, context - 1)
     metrics = Metrics()
+    model_card = {"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "bitllm", "max_model_len": context}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -87,6 +89,10 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             msg, loc = "the request body is not valid JSON", []
+        elif not loc:  # the body as a whole: empty, not an object, or not sent as JSON
+            ctype = request.headers.get("content-type") or "none"
+            msg = (f"the request body must be a JSON object sent with 'Content-Type: application/json' "
+                   f"(got content-type {ctype}: {msg})")
         where = ".".join(loc)
         return JSONResponse(P.error_body(f"{where}: {msg}" if where else msg, "invalid_request_error",
                                          where or None), status_code=400)
@@ -129,14 +135,23 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "bitllm",
-                                            "max_model_len": context}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_info(model_id: str) -> dict[str, Any]:
+        if model_id != cfg.model_name:
+            raise P.ApiError(404, f"the model '{model_id}' does not exist; this server serves '{cfg.model_name}'",
+                             param="model", code="model_not_found")
+        return model_card
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request):
         body.unsupported()
         prompt = body.single_prompt()
         ids = llm.encode(prompt)
+        bad = next((t for t in ids if not 0 <= t < llm.backend.vocab), None)
+        if bad is not None:  # here, not in the engine thread: a stream has not answered 200 yet
+            raise P.ApiError(400, f"token id {bad} is outside the vocabulary (0..{llm.backend.vocab - 1})", param="prompt")
         return await _answer(request, body, ids, body.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -146,20 +161,25 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
             ids = llm.chat_ids(body.as_dicts())
         except TemplateError as e:  # e.g. "roles must alternate user/assistant": the client's to fix
             raise P.ApiError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
-        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await _answer(request, body, ids, limit, chat=True)
+        # as LLM.chat: without a template the model sees a "User:/Assistant:" transcript; end its turn there
+        turn_end = () if getattr(llm.tokenizer, "chat_template", None) else ("\nUser:",)
+        if body.max_completion_tokens is not None:
+            limit, param = body.max_completion_tokens, "max_completion_tokens"
+        else:
+            limit, param = body.max_tokens, "max_tokens"
+        return await _answer(request, body, ids, limit, chat=True, param=param, extra_stop=turn_end)
 
-    async def _answer(request: Request, body: P._Sampling, ids: list[int], max_tokens: int | None, chat: bool):
+    async def _answer(request: Request, body: P._Sampling, ids: list[int], max_tokens: int | None, chat: bool,
+                      param: str = "max_tokens", extra_stop: tuple[str, ...] = ()):
         if len(ids) > max_prompt:
             raise P.ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at most {max_prompt}",
                              param="messages" if chat else "prompt", code="context_length_exceeded")
         if max_tokens is None:
             max_tokens = min(cfg.max_tokens, context - len(ids)) if chat else cfg.default_max_tokens
         if max_tokens > cfg.max_tokens:
-            raise P.ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {cfg.max_tokens}",
-                             param="max_tokens")
+            raise P.ApiError(400, f"{param} is {max_tokens}; this server allows at most {cfg.max_tokens}", param=param)
         params = llm.sampling_params(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                     seed=body.seed, stop=tuple(body.stop or ()), top_k=body.top_k,
+                                     seed=body.seed, stop=tuple(body.stop or ()) + extra_stop, top_k=body.top_k,
                                      repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos)
         engine: EngineLoop = app.state.engine
         try:
@@ -168,7 +188,7 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
             raise P.ApiError(429, str(e), "rate_limit_error", code="server_busy",
                              headers={"Retry-After": str(e.retry_after)}) from None
         id_ = P.new_id("chatcmpl" if chat else "cmpl")
-        model = body.model or cfg.model_name
+        model = cfg.model_name  # the model that answered, whatever name the client asked for (as OpenAI does)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventSourceResponse(_stream(engine, req, id_, model, chat, usage), sep="\n", ping=15)

@@ -1,8 +1,9 @@
 """OpenAI API shapes: request bodies (validated), responses, stream chunks and the error JSON.
 
 Reference: https://platform.openai.com/docs/api-reference (completions, chat, errors). Fields that
-bitllm does not implement (n > 1, logprobs, echo, penalties) are refused with a 400 that names
-them, never silently ignored.
+bitllm does not implement (n > 1, logprobs, echo, penalties, tools, response formats, logit bias,
+suffix, best_of) are refused with a 400 that names them, never silently ignored. `null` means
+"not given", as in OpenAI's API.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.exceptions import HTTPException
 
 
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+class ApiError(HTTPException):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}. An
+    HTTPException, so that FastAPI lets it through when it is raised while the body is read."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
+        super().__init__(status, message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
 
@@ -31,12 +34,22 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-class StreamOptions(BaseModel):
+class _Nullable(BaseModel):
+    """OpenAI's optional fields are nullable: a field sent as `null` (clients do) gets its default."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class StreamOptions(_Nullable):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
-    """Fields shared by both endpoints. Unknown fields (e.g. `user`) are accepted and ignored."""
+class _Sampling(_Nullable):
+    """Fields shared by both endpoints. Unknown fields (e.g. `user`) are accepted and ignored;
+    known ones that would change the answer are refused in `unsupported`."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -52,6 +65,10 @@ class _Sampling(BaseModel):
     logprobs: Any = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: Any = None
+    tools: Any = None
+    functions: Any = None
+    response_format: Any = None
     # extensions (as in vLLM's OpenAI server)
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0.0)
@@ -67,6 +84,11 @@ class _Sampling(BaseModel):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
 
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v):
+        return v if v is None or v >= 0 else v % (1 << 64)  # numpy wants >= 0; each int64 stays its own seed
+
     def unsupported(self) -> None:
         """400 for OpenAI features this server does not implement."""
         if self.n != 1:
@@ -76,11 +98,31 @@ class _Sampling(BaseModel):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise ApiError(400, f"{name} is not supported by this server (use 0)", param=name)
+        if self.logit_bias:
+            raise ApiError(400, "logit_bias is not supported by this server", param="logit_bias")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise ApiError(400, "tool and function calling are not supported by this server", param=name)
+        fmt = self.response_format
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise ApiError(400, "response_format other than {\"type\": \"text\"} is not supported by this server "
+                           "(no JSON mode or structured outputs)", param="response_format")
 
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.echo:
+            raise ApiError(400, "echo is not supported by this server", param="echo")
+        if self.suffix:
+            raise ApiError(400, "suffix (insertion) is not supported by this server", param="suffix")
+        if self.best_of not in (None, 1):
+            raise ApiError(400, "best_of must be 1: this server returns the one completion it samples", param="best_of")
 
     def single_prompt(self) -> str | list[int]:
         p = self.prompt
@@ -91,8 +133,6 @@ class CompletionRequest(_Sampling):
             p = p[0]
         if isinstance(p, list) and not p or p == "":
             raise ApiError(400, "the prompt is empty", param="prompt")
-        if self.echo:
-            raise ApiError(400, "echo is not supported by this server", param="echo")
         return p
 
 
