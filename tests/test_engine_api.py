@@ -13,7 +13,7 @@ import torch
 import bitllm
 from bitllm.engine import LLM, SamplingParams
 from bitllm.engine.golden import _scaled_tiny, hf_greedy, kernel_mode
-from bitllm.engine.sampling import apply_repetition_penalty, filter_top_k_top_p
+from bitllm.engine.sampling import apply_repetition_penalty, filter_top_k_top_p, sample
 from bitllm.errors import BitLLMError, FormatError, UnsupportedModelError
 from bitllm.formats.checkpoint import from_pretrained, save_pretrained
 from bitllm.quant.config import config_for
@@ -72,6 +72,15 @@ def test_generate_text_and_ids(llm):
     assert both[0].token_ids == out.token_ids and len(both) == 2
 
 
+def test_completion_pickles_and_copies(llm):
+    import copy
+    import pickle
+
+    out = llm.generate("the quick brown", max_new_tokens=4, ignore_eos=True)
+    for c in (pickle.loads(pickle.dumps(out)), copy.deepcopy(out)):
+        assert (c, c.token_ids, c.finish_reason, c.prompt_tokens) == (out, out.token_ids, "length", out.prompt_tokens)
+
+
 def test_stream_matches_generate_and_stop_strings(llm):
     full = llm.generate("the lazy", max_new_tokens=16, ignore_eos=True)
     pieces = list(llm.stream("the lazy", max_new_tokens=16, ignore_eos=True))
@@ -81,6 +90,12 @@ def test_stream_matches_generate_and_stop_strings(llm):
     cut = llm.generate("the lazy", max_new_tokens=16, ignore_eos=True, stop=[stop])
     assert cut.finish_reason == "stop" and cut == full[: full.find(stop)]
     assert "".join(llm.stream("the lazy", max_new_tokens=16, ignore_eos=True, stop=[stop])) == cut
+
+
+def test_chat_rejects_malformed_messages(llm):
+    for bad in ("hello", [], [{"content": "hi"}], [{"role": "user"}], [{"role": "user", "content": None}]):
+        with pytest.raises(BitLLMError, match="messages must be"):
+            llm.chat(bad, max_new_tokens=2)
 
 
 def test_chat_uses_the_template(llm):
@@ -106,6 +121,28 @@ def test_sampling_filters():
     assert np.isinf(filter_top_k_top_p(x, 2, 1.0)[[0, 3]]).all()
     assert np.isfinite(filter_top_k_top_p(x, 0, 0.5)).sum() == 1  # the top token alone holds > 50 %
     np.testing.assert_allclose(apply_repetition_penalty(x, np.array([1, 3]), 2.0), [1.0, 1.5, 2.0, -2.0])
+
+
+def test_sampling_params_reject_empty_stop_and_nan():
+    """vLLM's rule: an empty stop string (it would stop at the first token) is an error, as are NaN
+    settings and a negative seed (numpy's error otherwise); a tiny temperature is near-greedy, not NaN probabilities."""
+    for bad in (dict(stop=[""]), dict(stop=["ok", ""]), dict(stop=[5]), dict(temperature=float("nan")),
+                dict(repetition_penalty=float("nan")), dict(seed=-1)):
+        with pytest.raises(BitLLMError):
+            SamplingParams(**bad)
+    x = np.array([1.0, 3.0, 2.0, -1.0], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    for t in (1e-5, 1e-40, 1e-300):
+        assert sample(x, SamplingParams(temperature=t, top_p=0.9), np.empty(0, np.int64), rng) == 1
+
+
+def test_generate_frees_cache_slots_on_error(llm):
+    """A prompt that fails after others were queued (or any error mid-run) leaves no KV cache slot."""
+    eng = llm.backend.engine
+    base = eng.num_sequences()
+    with pytest.raises(BitLLMError, match="context is 128"):
+        llm.generate([[1, 2, 3], list(range(3, 200))], max_new_tokens=4)
+    assert eng.num_sequences() == base
 
 
 def test_batch_add_step_cancel(llm):
@@ -172,6 +209,24 @@ def test_loglikelihood_matches_hf_reference(text_model, llm):
             assert greedy == bool((logits[len(ctx) - 1: -1].argmax(-1) == torch.tensor(cont)).all())
     text = llm.loglikelihood([("the quick brown", " fox"), ("", "the")])
     assert all(lp < 0 for lp, _ in text)
+
+
+def test_loglikelihood_text_boundary_as_lm_eval(text_model, llm):
+    """Text pairs split as lm-eval's _encode_pair does: trailing context spaces move to the continuation,
+    and an empty context is BOS + the continuation without the BOS a tokenizer adds on its own."""
+    from tokenizers.processors import TemplateProcessing
+
+    enc = llm.tokenizer.encode
+    (lp, _), = llm.loglikelihood([("the quick ", "brown")])
+    (want, _), = llm.loglikelihood([(enc("the quick"), enc(" brown"))])
+    assert lp == want
+    tok = _tokenizer()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    bos_llm = LLM(text_model, threads=1, tokenizer=tok)
+    assert bos_llm.encode("the quick")[0] == 1
+    (lp, _), = bos_llm.loglikelihood([("", "the quick")])
+    (want, _), = bos_llm.loglikelihood([([1], enc("the quick"))])
+    assert lp == want
 
 
 # --- fallback ------------------------------------------------------------------------------------

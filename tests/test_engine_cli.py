@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
+import pytest
 from typer.testing import CliRunner
 
-from bitllm.cli import app
+from bitllm.cli import app, main
 from test_engine_api import _save, _tokenizer
 
 
@@ -39,3 +42,24 @@ def test_run_reports_a_long_prompt_as_an_error(tmp_path):
     ids = ",".join(str(3 + i % 50) for i in range(200))  # the tiny model's context is 128
     r = CliRunner().invoke(app, ["run", str(d), ids, "--ids", "-n", "2", "-t", "1"])
     assert r.exit_code != 0 and "context is 128" in str(r.exception or r.output)
+
+
+def test_errors_are_one_literal_line(tmp_path, monkeypatch, capsys):
+    """`bitllm` (main) reports a BitLLMError as one line, text taken literally (no rich markup, no wrap)."""
+    d = _save(tmp_path / "m")
+    bad = str(tmp_path / "no" / "such" / "model[/dir]" / ("long" * 20))
+    for argv, want in ([["run", bad, "hi"], f"{bad!r} is neither"],
+                       [["run", str(d), "1,x", "--ids"], "comma-separated integers"]):
+        monkeypatch.setattr(sys, "argv", ["bitllm", *argv])
+        with pytest.raises(SystemExit) as e:
+            main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith("error: ") and want in err[-1], err
+
+
+def test_chat_survives_a_message_longer_than_the_context(tmp_path):
+    d = _save(tmp_path / "m", tokenizer=_tokenizer())
+    r = CliRunner().invoke(app, ["chat", str(d), "-n", "4", "-t", "1", "--temperature", "0"],
+                           input="hello " * 300 + "\nbits\n/exit\n")
+    assert r.exit_code == 0, r.output
+    assert "context is 128" in r.output and r.output.count("> ") == 3  # the session went on to "bits"

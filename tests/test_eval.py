@@ -215,6 +215,8 @@ def test_simple_evaluate_route_and_rolling(ternary_dir):
     assert rolling == pytest.approx(-nll, rel=1e-6)
     [gen] = lm.generate_until([Instance("generate_until", {}, ("Shall I", {"until": ["\n"], "max_gen_toks": 5}), 0)])
     assert isinstance(gen, str)
+    [gen2] = lm.generate_until([Instance("generate_until", {}, ("Shall I", {"until": ["", "\n"], "max_gen_toks": 5}), 0)])
+    assert gen2 == gen and gen  # an empty `until` string stops nothing
     assert lm_eval.simple_evaluate is not None
 
 

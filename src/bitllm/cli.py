@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from bitllm.errors import BitLLMError
 
@@ -177,8 +178,14 @@ def run(
     """Stream the continuation of PROMPT, then print prefill and decode speed."""
     from bitllm.engine import LLM
 
+    if ids:
+        try:
+            p = [int(x) for x in prompt.split(",") if x.strip()]
+        except ValueError:
+            raise BitLLMError(f"--ids: PROMPT must be comma-separated integers (e.g. 1,415,2936), got {prompt!r}") from None
+    else:
+        p = prompt
     llm = LLM(model, threads=threads, head=head, kv_dtype=kv_dtype, verbose=True)
-    p = [int(x) for x in prompt.split(",") if x.strip()] if ids else prompt
     for piece in llm.stream(p, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed):
         sys.stdout.write(piece if isinstance(piece, str) else f"{piece} ")
@@ -203,9 +210,12 @@ def chat(
     kv_dtype: str = typer.Option("f32", "--kv-dtype", help="KV cache precision in the native engine: f32 | f16 (half the memory)."),
 ) -> None:
     """Chat interactively (history kept): /reset clears it, /exit or Ctrl-D quits, Ctrl-C stops an answer."""
-    from bitllm.engine import LLM
+    from bitllm.engine import LLM, SamplingParams
 
+    SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)  # bad settings: fail now
     llm = LLM(model, threads=threads, head=head, kv_dtype=kv_dtype, verbose=True)
+    if llm.tokenizer is None:
+        raise BitLLMError(f"{model} has no tokenizer, which chat needs (use `bitllm run --ids` with token ids)")
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     console.print("[dim]/reset clears the history, /exit quits[/dim]")
@@ -236,6 +246,11 @@ def chat(
                 sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write(" [interrupted]")
+        except BitLLMError as e:  # e.g. a message longer than the context: drop this turn, keep the session
+            sys.stdout.write("\n")
+            console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+            history.pop()
+            continue
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": reply})
 
@@ -337,8 +352,8 @@ def bench(
 def main() -> None:
     try:
         app()
-    except BitLLMError as e:
-        console.print(f"[red]error:[/red] {e}")
+    except BitLLMError as e:  # one line, the message taken literally (no rich markup, no wrapping)
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         sys.exit(2)
 
 

@@ -128,6 +128,9 @@ class Completion(str):
         obj.token_ids, obj.finish_reason, obj.prompt_tokens = token_ids, finish_reason, prompt_tokens
         return obj
 
+    def __getnewargs__(self):  # pickle and copy rebuild it through __new__
+        return str(self), self.token_ids, self.finish_reason, self.prompt_tokens
+
 
 def _eos_ids(directory: Path | None, config) -> tuple[int, ...]:
     ids: list = []
@@ -264,8 +267,12 @@ class LLM:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed, stop=stop or (), **kwargs)
         b = self.batch()
-        ids = [b.add(self.encode(p), params) for p in plist]
-        b.run()
+        try:
+            ids = [b.add(self.encode(p), params) for p in plist]
+            b.run()
+        finally:  # a bad later prompt, an engine error or Ctrl-C must not leave KV cache slots behind
+            for seq in b.live:
+                b.cancel(seq.id)
         self.last_stats = dict(b.stats)
         out = [Completion(b.text(b.seqs[i]), list(b.seqs[i].generated), b.seqs[i].finish_reason, len(b.seqs[i].prompt))
                for i in ids]
@@ -299,6 +306,11 @@ class LLM:
         (for base models without one) a plain "User: / Assistant:" transcript."""
         if self.tokenizer is None:
             raise BitLLMError("chat needs a tokenizer; this model has none (use generate() with token ids)")
+        if (isinstance(messages, (str, dict)) or not messages
+                or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                           for m in messages)):
+            raise BitLLMError("messages must be a non-empty list of {'role': str, 'content': str} dicts, "
+                              f"e.g. [{{'role': 'user', 'content': 'Hi!'}}]; got {messages!r:.200}")
         if getattr(self.tokenizer, "chat_template", None):
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
@@ -310,8 +322,8 @@ class LLM:
     def chat(self, messages: list[dict[str, str]], stream: bool = False, max_new_tokens: int = 256, **kwargs):
         """Answer the last user message. stream=True yields text pieces; else returns a Completion.
         The oldest turns (after a system message) are dropped when the history outgrows the context."""
-        messages = list(messages)
         ids = self.chat_ids(messages)
+        messages = list(messages)
         while len(ids) + 1 >= self.backend.max_context and len(messages) > 1:
             del messages[1 if messages[0].get("role") == "system" and len(messages) > 2 else 0]
             ids = self.chat_ids(messages)
@@ -330,12 +342,18 @@ class LLM:
         pairs = []
         for ctx, cont in requests:
             if isinstance(ctx, str) and isinstance(cont, str):
-                whole = self.encode(ctx + cont)
-                c_ids = self.encode(ctx) if ctx else []
-                n_ctx = len(c_ids)
-                if whole[:n_ctx] != c_ids:  # the join re-tokenized: fall back to separate encodings
-                    whole = c_ids + self.encode(cont, add_special_tokens=False)
-                ctx_ids, cont_ids = whole[:n_ctx], whole[n_ctx:]
+                n_spaces = len(ctx) - len(ctx.rstrip())  # as lm-eval: trailing context spaces start the continuation
+                if n_spaces:
+                    ctx, cont = ctx[:-n_spaces], ctx[-n_spaces:] + cont
+                if not ctx:  # conditioned on BOS below; a BOS the tokenizer adds is not part of the continuation
+                    ctx_ids, cont_ids = [], self.encode(cont, add_special_tokens=False)
+                else:
+                    whole = self.encode(ctx + cont)
+                    c_ids = self.encode(ctx)
+                    n_ctx = len(c_ids)
+                    if whole[:n_ctx] != c_ids:  # the join re-tokenized: fall back to separate encodings
+                        whole = c_ids + self.encode(cont, add_special_tokens=False)
+                    ctx_ids, cont_ids = whole[:n_ctx], whole[n_ctx:]
             else:
                 ctx_ids, cont_ids = self.encode(ctx), self.encode(cont, add_special_tokens=False)
             if not cont_ids:

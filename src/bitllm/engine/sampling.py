@@ -29,15 +29,19 @@ class SamplingParams:
             self.stop = (self.stop,)
         self.stop = tuple(self.stop or ())
         self.stop_token_ids = tuple(self.stop_token_ids or ())
+        if not all(isinstance(s, str) and s for s in self.stop):  # "" would stop at the first token
+            raise BitLLMError(f"stop must be non-empty strings (token ids go in stop_token_ids), got {self.stop!r}")
+        if self.seed is not None and self.seed < 0:
+            raise BitLLMError(f"seed must be >= 0 (or None for a fresh one), got {self.seed}")
         if self.max_new_tokens < 0:
             raise BitLLMError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # written so that NaN fails too
             raise BitLLMError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise BitLLMError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise BitLLMError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
+        if not self.repetition_penalty > 0:
             raise BitLLMError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
@@ -76,6 +80,8 @@ def sample(logits: np.ndarray, params: SamplingParams, seen: np.ndarray, rng: np
     logits = apply_repetition_penalty(logits.astype(np.float32, copy=False), seen, params.repetition_penalty)
     if params.temperature == 0.0:
         return int(np.argmax(logits))
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    p = softmax(logits.astype(np.float64))
+    # shift before dividing: a tiny temperature then sends the others to -inf, not the top to inf (NaN)
+    with np.errstate(over="ignore"):
+        logits = (logits.astype(np.float64) - np.max(logits)) / params.temperature
+    p = softmax(filter_top_k_top_p(logits, params.top_k, params.top_p))
     return int(rng.choice(p.size, p=p))

@@ -89,6 +89,7 @@ class EvalModel:
 
     def generate(self, ids: list[int], max_new_tokens: int, stop: Sequence[str] = ()) -> str:
         """Greedy continuation text of `ids`, cut at the first stop string."""
+        stop = [s for s in stop if s]  # lm-eval's `until` may hold "": it would stop before the first token
         if self.lcpp is not None:
             out: list[int] = []
             self.lcpp.reset()
@@ -106,7 +107,7 @@ class EvalModel:
         else:
             c = self.llm.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0, stop=list(stop) or None)
             text = str(c)
-        cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+        cut = min((text.find(s) for s in stop if s in text), default=-1)
         return text[:cut] if cut >= 0 else text
 
     def close(self) -> None:
