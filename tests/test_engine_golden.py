@@ -5,6 +5,8 @@ kernels) and the C++ engine emit the same 64 greedy token ids, with logits withi
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -217,3 +219,35 @@ def test_budget_is_tight_for_float_activations(golden):
     err = np.abs(logits[len(g.prompt) - 1:] - g.logits).max(-1)
     assert (err <= 0.1 * logit_budget(g.logits)).all(), (err / logit_budget(g.logits)).max()
     assert LOGIT_BUDGET_REL <= 1e-3
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads resident memory from /proc (Linux)")
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_kv_cache_memory_follows_use(kv_dtype, tmp_path):
+    """Opening a sequence reserves its KV cache without writing it: resident memory grows with the
+    positions decoded, not with the capacity asked for (a server opens each request for prompt +
+    max_tokens, most of which a request that stops early never uses). Decoding still works."""
+    import bitllm
+    from bitllm.tiny import tiny_model
+
+    ctx = 1 << 17
+    model = tiny_model("llama", hidden=64, max_position_embeddings=ctx)
+    bitllm.quantize_(model, bitllm.config_for("ternary-wo"))
+    bitllm.save_pretrained(model, tmp_path, format="i2")
+    llm = LLM(tmp_path, threads=1, max_context=ctx, kv_dtype=kv_dtype)
+    be = llm.backend
+    before = _rss_bytes()
+    slot = be.open(ctx)
+    reserved = be.engine.kv_bytes()
+    grown = _rss_bytes() - before
+    assert reserved >= 32 << 20  # 2 layers x 32 kv dims x 2 (K, V) x 2^17 positions
+    assert grown < reserved / 16, (grown, reserved)
+    logits = be.forward([slot], [list(range(1, 40))])
+    assert np.isfinite(logits).all()
+    assert be.engine.sequence_length(slot) == 39
+    be.close(slot)

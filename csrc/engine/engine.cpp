@@ -593,11 +593,11 @@ int Engine::add_sequence(int64_t capacity) {
     s->cap = capacity;
     const size_t n = (size_t)(cfg_.layers * capacity * cfg_.kv_heads * cfg_.head_dim);
     if (cfg_.kv_f16) {
-        s->k16.assign(n, 0);
-        s->v16.assign(n, 0);
+        s->k16.allocate(n);
+        s->v16.allocate(n);
     } else {
-        s->k.assign(n, 0.f);
-        s->v.assign(n, 0.f);
+        s->k.allocate(n);
+        s->v.allocate(n);
     }
     for (size_t i = 0; i < seqs_.size(); ++i)
         if (!seqs_[i]) {
