@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -395,3 +397,105 @@ def test_cli_pack_latent_weight_checkpoint(tmp_path):
         torch.testing.assert_close(_logits(bitllm.from_pretrained(out)), _logits(expect), rtol=1e-4, atol=1e-5)
     r = CliRunner().invoke(app, ["pack", str(tmp_path / "fp"), "--method", "int3", "-o", str(tmp_path / "x")])
     assert r.exit_code != 0
+
+
+# --- malformed configs and indexes, stray tensors, unrelated output directories ---------------------------
+
+
+def _edit_config(saved, fn):
+    cfg = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps(fn(cfg)))
+
+
+@pytest.mark.parametrize("edit", [lambda c: [c], lambda c: {**c, "quantization_config": "bitllm"}])
+def test_config_json_that_is_not_an_object(saved, edit):
+    _edit_config(saved, edit)
+    with pytest.raises(FormatError, match=r"config\.json: expected a JSON object"):
+        from_pretrained(saved)
+
+
+@pytest.mark.parametrize("key,value", [("linear_class", "BitLinear"), ("quantization_mode", "dynamic")])
+def test_hf_bitnet_unknown_scale_convention_is_refused(tmp_path, key, value):
+    """The convention decides whether weight_scale divides or multiplies: an unknown value is not guessed."""
+    save_pretrained(_quantized("llama", "ternary"), tmp_path / "ck", "i2")
+    _edit_config(tmp_path / "ck", lambda c: (c["quantization_config"].update({key: value}), c)[1])
+    with pytest.raises(FormatError, match=f"{key} '{value}' is not one of"):
+        from_pretrained(tmp_path / "ck")
+
+
+def test_stray_tensor_inside_a_quantized_layer(saved):
+    _rewrite(saved, lambda sd: sd.__setitem__("model.layers.0.mlp.up_proj.junk", torch.zeros(3)))
+    with pytest.raises(FormatError, match=r"unexpected tensor 'model\.layers\.0\.mlp\.up_proj\.junk'"):
+        from_pretrained(saved)
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": []}', '{"weight_map": {"model.norm.weight": 3}}'])
+def test_malformed_shard_index(saved, index):
+    (saved / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(FormatError, match=r"index\.json: weight_map must map"):
+        from_pretrained(saved)
+
+
+def test_save_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path):
+    """A save replaces its target whole: `-o .` or `-o ~/models` must not delete unrelated files."""
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(BitLLMError, match="is not a model checkpoint"):
+        save_pretrained(_quantized("llama", "ternary"), target, "i2")
+    assert (target / "notes.txt").read_text() == "keep me" and not list(tmp_path.glob(".mine.*"))
+    (target / "notes.txt").unlink()  # an empty directory is fine
+    save_pretrained(_quantized("llama", "ternary"), target, "i2")
+    assert (target / "config.json").exists()
+
+
+def test_failed_final_rename_restores_previous_checkpoint(tmp_path, monkeypatch):
+    target = tmp_path / "ck"
+    save_pretrained(_quantized("llama", "ternary"), target, "t1")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    real = os.rename
+
+    def rename(src, dst):
+        if ".ck.tmp-" in str(src):  # moving the new checkpoint into place fails
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="Input/output"):
+        save_pretrained(_quantized("llama", "binary"), target, "b1")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert not list(tmp_path.glob(".ck.*"))
+
+
+# --- property tests: any corruption of the file is a FormatError ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_bytes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("saved") / "ck"
+    save_pretrained(_quantized("llama", "onebit"), d, "b1")
+    return d, (d / "model.safetensors").read_bytes()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_truncated_or_corrupted_safetensors_raise_format_error(saved_bytes, tmp_path, data):
+    """Any prefix of the file, or its header with bytes overwritten, loads or raises a FormatError naming the file."""
+    src, raw = saved_bytes
+    raw = bytearray(raw)
+    header = 8 + int.from_bytes(raw[:8], "little")
+    if data.draw(st.booleans(), label="truncate"):
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1), label="length")]
+    else:
+        for at, byte in data.draw(st.lists(st.tuples(st.integers(0, header - 1), st.integers(0, 255)), min_size=1,
+                                           max_size=3), label="edits"):
+            raw[at] = byte
+    d = tmp_path / "fz"
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(src, d)
+    (d / "model.safetensors").write_bytes(bytes(raw))
+    try:
+        from_pretrained(d)
+    except FormatError as e:
+        assert str(d) in str(e)

@@ -1,12 +1,15 @@
 """GGUF interop: TQ1_0/TQ2_0 byte layouts, exact round trips, refusals, and llama.cpp itself."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from bitllm.errors import FormatError, UnsupportedModelError
+from bitllm.errors import BitLLMError, FormatError, UnsupportedModelError
 from bitllm.formats.checkpoint import from_pretrained, save_pretrained
 from bitllm.formats.gguf_io import (
     export_gguf,
@@ -197,3 +200,179 @@ def test_llama_cpp_runs_the_export_and_agrees(tmp_path, family, kw):
         print(f"llama.cpp {family} {qtype}: top-1 agreement {agree:.3f}, max logit error {err:.4f} of the spread")
         assert agree >= TOP1_GOAL, qtype
         assert err <= LOGIT_BUDGET, qtype
+
+
+# --- import: unusual-but-valid and corrupt files -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A llama TQ2_0 export of a tiny ternary checkpoint (shared: export takes a second)."""
+    d = tmp_path_factory.mktemp("exported")
+    ck = _ternary_checkpoint(d, "llama")
+    return export_gguf(ck, d / "m.gguf", "tq2_0", embed_type="f32")
+
+
+def _rewrite(src, dst, fields=None, tensors=None):
+    """Copy a GGUF file with edits: fields {key: (value, GGUFValueType, sub type) or None to drop},
+    tensors {name: (array, raw GGML type or None) or None to drop}; new names are appended."""
+    fields, tensors = fields or {}, tensors or {}
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k == "general.architecture" or (k in fields and fields[k] is None):
+            continue
+        vt = f.types[0]
+        w.add_key_value(k, *(fields.get(k) or (f.contents(), vt, f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)))
+    for k, v in fields.items():
+        if k not in r.fields and v is not None:
+            w.add_key_value(k, *v)
+    for t in r.tensors:
+        if t.name not in tensors:
+            raw = None if t.tensor_type.name in ("F32", "F16") else t.tensor_type
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=raw)
+    for name, v in tensors.items():
+        if v is not None:
+            w.add_tensor(name, v[0], raw_dtype=v[1])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    return dst
+
+
+def test_import_reads_zero_d_blocks_as_zeros(exported, tmp_path):
+    """A block's weights are (code - 1) * d: with d = 0 they are zero whatever the codes, as llama.cpp reads them."""
+    r = gguf.GGUFReader(str(exported))
+    t = next(t for t in r.tensors if t.name == "blk.0.attn_v.weight")  # (128, 256): one block per row
+    data = bytearray(exported.read_bytes())
+    data[t.data_offset + 64: t.data_offset + 66] = b"\x00\x00"  # row 0: d = 0, codes untouched
+    (tmp_path / "z.gguf").write_bytes(bytes(data))
+    expect = gguf.quants.dequantize(np.frombuffer(bytes(data[t.data_offset: t.data_offset + t.n_bytes]), np.uint8)
+                                    .reshape(128, -1), t.tensor_type)  # what llama.cpp computes
+    assert (expect[0] == 0).all() and (expect[1:] != 0).any()
+    import_gguf(tmp_path / "z.gguf", tmp_path / "out")
+    w = from_pretrained(tmp_path / "out").model.layers[0].self_attn.v_proj.int_weight()
+    assert torch.equal(w, torch.from_numpy(expect).to(torch.int8))
+
+
+@pytest.mark.parametrize("case,error,match", [
+    ("string_int", FormatError, r"llama\.embedding_length = '256x' is not a positive integer"),
+    ("zero_heads", FormatError, r"head_count = 0 is not a positive integer"),
+    ("block_count", FormatError, r"block_count = 3, but tensor 'blk\.2\.attn_norm\.weight' is missing"),
+    ("transposed", FormatError, r"'blk\.0\.attn_k\.weight' has shape \(256, 128\), expected \(128, 256\)"),
+    ("norm_shape", FormatError, r"'output_norm\.weight' has shape \(128,\), expected \(256,\)"),
+    ("scale_shape", FormatError, r"'blk\.0\.attn_q\.scale' has shape \(2,\), expected \(1,\)"),
+    ("extra_tensor", UnsupportedModelError, r"does not import for 'llama': \['rope_freqs\.weight'\]"),
+    ("bad_merge", FormatError, r"merge 'abc' is not two tokens"),
+    ("short_types", FormatError, r"3 token types for 320 tokens"),
+])
+def test_import_rejects_malformed_metadata_and_tensors(exported, tmp_path, case, error, match):
+    VT = gguf.GGUFValueType
+    k = gguf.quants.dequantize(np.array(next(t for t in gguf.GGUFReader(str(exported)).tensors
+                                              if t.name == "blk.0.attn_k.weight").data), QT["tq2_0"])  # (128, 256)
+    edits = {
+        "string_int": dict(fields={"llama.embedding_length": ("256x", VT.STRING, None)}),
+        "zero_heads": dict(fields={"llama.attention.head_count": (0, VT.UINT32, None)}),
+        "block_count": dict(fields={"llama.block_count": (3, VT.UINT32, None)}),
+        "transposed": dict(tensors={"blk.0.attn_k.weight": (np.ascontiguousarray(k.reshape(256, 128)), None)}),
+        "norm_shape": dict(tensors={"output_norm.weight": (np.ones(128, np.float32), None)}),
+        "scale_shape": dict(tensors={"blk.0.attn_q.scale": (np.ones(2, np.float32), None)}),
+        "extra_tensor": dict(tensors={"rope_freqs.weight": (np.ones(4, np.float32), None)}),
+        "bad_merge": dict(fields={"tokenizer.ggml.merges": (["a b", "abc"], VT.ARRAY, VT.STRING)}),
+        "short_types": dict(fields={"tokenizer.ggml.token_type": ([1, 1, 1], VT.ARRAY, VT.INT32)}),
+    }[case]
+    f = _rewrite(exported, tmp_path / f"{case}.gguf", **edits)
+    with pytest.raises(error, match=match) as e:
+        import_gguf(f, tmp_path / "out")
+    assert f"{case}.gguf" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_rejects_a_string_that_is_not_utf8(exported, tmp_path):
+    data = exported.read_bytes()
+    at = data.index(b"gpt-2")  # the value of tokenizer.ggml.pre
+    bad = tmp_path / "u.gguf"
+    bad.write_bytes(data[:at] + b"\xc3\x28" + data[at + 2:])
+    with pytest.raises(FormatError, match=r"u\.gguf: metadata tokenizer\.ggml\.\w+ cannot be read"):
+        import_gguf(bad, tmp_path / "out")
+
+
+@pytest.mark.parametrize("pre,rebuilt", [("llama-bpe", "llama3"), ("falcon3", "llama3"), ("gpt-2", "gpt-2"),
+                                         ("qwen2", None)])
+def test_import_names_pre_tokenizers_as_llama_cpp_does(exported, tmp_path, pre, rebuilt):
+    """llama.cpp's convert writes 'llama-bpe' (Llama 3) and 'falcon3' for the llama-3 regex; an unknown name
+    is not guessed (no tokenizer is written) rather than read as GPT-2's."""
+    f = _rewrite(exported, tmp_path / "p.gguf", fields={"tokenizer.ggml.pre": (pre, gguf.GGUFValueType.STRING, None)})
+    import_gguf(f, tmp_path / "out")
+    tok = tmp_path / "out" / "tokenizer.json"
+    if rebuilt is None:
+        assert not tok.exists()
+        return
+    spec = json.loads(tok.read_text())["pre_tokenizer"]
+    assert spec["type"] == ("Sequence" if rebuilt == "llama3" else "ByteLevel")
+
+
+@pytest.fixture(scope="module")
+def exported_header(exported):
+    return exported, gguf.GGUFReader(str(exported)).data_offset  # (file, end of the header)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_import_of_truncated_or_corrupted_files_raises_only_bitllm_errors(exported_header, tmp_path, data):
+    """Any prefix of a file, or its header with bytes overwritten, imports or raises a BitLLMError that names
+    the file, and never leaves an output directory behind."""
+    raw, header = bytearray(exported_header[0].read_bytes()), exported_header[1]
+    if data.draw(st.booleans(), label="truncate"):
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1), label="length")]
+    else:
+        for at, byte in data.draw(st.lists(st.tuples(st.integers(0, header - 1), st.integers(0, 255)), min_size=1,
+                                           max_size=3), label="edits"):
+            raw[at] = byte
+    f = tmp_path / "fz.gguf"
+    f.write_bytes(bytes(raw))
+    out = tmp_path / "fz-out"
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        import_gguf(f, out)
+    except BitLLMError as e:
+        assert "fz.gguf" in str(e)
+        assert not out.exists()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.sampled_from(["tq2_0", "tq1_0"]), st.integers(1, 4), st.integers(0, 2**31))
+def test_tq_round_trip_property(qtype, nblocks, seed):
+    t = np.random.default_rng(seed).integers(-1, 2, nblocks * 256).astype(np.int8)
+    pack, unpack = PACK[qtype]
+    back, d = unpack(pack(t), t.size)
+    assert np.array_equal(back, t) and d.tolist() == [float(np.abs(b).max()) for b in t.reshape(-1, 256)]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.sampled_from(["tq2_0", "tq1_0"]), st.binary(min_size=0, max_size=200), st.integers(0, 600))
+def test_tq_unpack_of_arbitrary_bytes(qtype, raw, n):
+    """Any bytes unpack to ternary values or raise FormatError (wrong size, TQ2_0 code 3), like llama.cpp's reader."""
+    pack, unpack = PACK[qtype]
+    try:
+        vals, d = unpack(np.frombuffer(raw, dtype=np.uint8), n)
+    except FormatError:
+        return
+    assert vals.size == n and set(np.unique(vals).tolist()) <= {-1, 0, 1}
+    if qtype == "tq1_0":  # every TQ1_0 byte decodes; re-packing the digits gives a canonical byte
+        assert np.array_equal(unpack(pack(vals), n)[0], vals)
+
+
+def test_bad_options_are_bitllm_errors(exported, tmp_path):
+    """The CLI reports BitLLMErrors as one line; unknown types, formats and a directory as output must be ones."""
+    ck = exported.parent / "ck"
+    with pytest.raises(FormatError, match="unknown GGUF type 'q4_0'"):
+        export_gguf(ck, tmp_path / "m.gguf", "q4_0")
+    with pytest.raises(FormatError, match="unknown embedding type 'q4_k'"):
+        export_gguf(ck, tmp_path / "m.gguf", "tq2_0", embed_type="q4_k")
+    with pytest.raises(BitLLMError, match="is a directory"):
+        export_gguf(ck, tmp_path, "tq2_0")
+    with pytest.raises(FormatError, match="unknown pack format 'i3'"):
+        import_gguf(exported, tmp_path / "out", "i3")
+    assert not list(tmp_path.iterdir())

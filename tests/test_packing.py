@@ -76,3 +76,34 @@ def test_invalid_input_and_bytes():
 
 def test_bits_per_weight():
     assert [f.bits_per_weight for f in PackFormat] == [2.0, 1.6, 1.0]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(list(PackFormat)), st.integers(1, 6), st.integers(1, 30), st.data())
+def test_unpack_of_arbitrary_bytes(fmt, out_f, in_f, data):
+    """Any bytes of the right shape unpack to valid weights or raise FormatError (I2 code 3, T1 byte > 242);
+    valid bytes round-trip through pack() up to the padding columns."""
+    nbytes = packed_shape(fmt, out_f, in_f)[1]
+    raw = data.draw(st.binary(min_size=out_f * nbytes, max_size=out_f * nbytes))
+    p = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(out_f, nbytes)
+    try:
+        w = unpack(fmt, p, (out_f, in_f))
+    except FormatError:
+        return
+    assert w.dtype == torch.int8 and tuple(w.shape) == (out_f, in_f)
+    assert set(w.unique().tolist()) <= ({-1, 1} if fmt is PackFormat.B1 else {-1, 0, 1})
+    assert torch.equal(unpack(fmt, pack(fmt, w), (out_f, in_f)), w)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 13), st.integers(1, 9), st.data())
+def test_hf_unpack_of_arbitrary_bytes(out_f, in_f, data):
+    rp = (out_f + 3) // 4
+    raw = data.draw(st.binary(min_size=rp * in_f, max_size=rp * in_f))
+    p = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(rp, in_f)
+    try:
+        w = unpack_hf_bitnet(p, out_f)
+    except FormatError:
+        return
+    assert tuple(w.shape) == (out_f, in_f) and set(w.unique().tolist()) <= {-1, 0, 1}
+    assert torch.equal(unpack_hf_bitnet(pack_hf_bitnet(w), out_f), w)

@@ -46,7 +46,12 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if old is not None:  # put the previous contents back rather than leave them under a hidden name
+                os.rename(old, target)
+            raise
         fsync_path(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

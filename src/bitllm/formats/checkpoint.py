@@ -174,6 +174,7 @@ def save_pretrained(
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     config["quantization_config"] = qconfig
+    _check_replaceable(Path(path))
     with atomic_directory(path) as tmp:
         write_checkpoint_tensors(tmp, tensors, metadata, max_shard_size)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
@@ -183,6 +184,19 @@ def save_pretrained(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(path)
+
+
+def _check_replaceable(path: Path) -> None:
+    """A save replaces the target directory whole, so it must be empty or a model checkpoint: `-o .` or
+    `-o ~/models` must not delete unrelated files."""
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if (path / "config.json").is_file() and any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        return
+    raise BitLLMError(
+        f"{path} exists and is not a model checkpoint (no config.json with model.safetensors); a save replaces the "
+        "directory whole, so bitllm refuses. Choose a new directory or remove it first."
+    )
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -315,6 +329,8 @@ def read_config(directory: Path):
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise FormatError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("quantization_config", {}), (dict, type(None))):
+        raise FormatError(f"{cfg_path}: expected a JSON object with an object (or no) quantization_config")
     try:
         config = AutoConfig.from_pretrained(directory)
     except (ValueError, KeyError) as e:
@@ -357,6 +373,9 @@ def from_pretrained(
         targets = list(qc.get("modules") or [])
         load_layer = lambda n, m: _load_bitllm_layer(reader, n, m, method, fmt)  # noqa: E731
     elif qm == "bitnet":
+        for key, allowed in (("linear_class", ("bitlinear", "autobitlinear")), ("quantization_mode", ("offline", "online"))):
+            if qc.get(key, allowed[0]) not in allowed:  # the scale convention depends on it: never guess
+                raise FormatError(f"{cfg_path}: quantization_config {key} {qc[key]!r} is not one of {allowed}")
         targets = _bitnet_targets(model, qc)
         load_layer = lambda n, m: _load_hf_bitnet_layer(reader, n, m, qc)  # noqa: E731
     else:
@@ -375,10 +394,10 @@ def from_pretrained(
     expected = set(model.state_dict().keys())
     state = {}
     for k in reader.keys():
+        if k not in expected:  # also a stray tensor inside a quantized layer (the layer loaders read only theirs)
+            raise FormatError(f"{reader.file_of(k)}: unexpected tensor {k!r} for {type(model).__name__}")
         if k.startswith(prefixes):
             continue
-        if k not in expected:
-            raise FormatError(f"{reader.file_of(k)}: unexpected tensor {k!r} for {type(model).__name__}")
         t = reader.get(k)
         state[k] = t.to(dtype) if t.is_floating_point() else t
     for k, v in model.state_dict().items():

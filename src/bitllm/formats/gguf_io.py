@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bitllm.errors import FormatError, UnsupportedModelError
+from bitllm.errors import BitLLMError, FormatError, UnsupportedModelError
 from bitllm.formats.atomic import fsync_path
+from bitllm.formats.packing import PackFormat
 from bitllm.quant.config import Method
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ def _float_tensor(arr: np.ndarray, kind: str) -> tuple[np.ndarray, object]:
         if arr.shape[-1] % 32:
             raise FormatError(f"q8_0 needs rows that are a multiple of 32, got {arr.shape[-1]}")
         return gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-    raise ValueError(f"unknown float type {kind!r}; expected one of {FLOAT_TYPES}")
+    raise FormatError(f"unknown float type {kind!r}; expected one of {FLOAT_TYPES}")
 
 
 def export_gguf(
@@ -286,9 +287,13 @@ def export_gguf(
     from bitllm.nn.packed import PackedLinear
 
     qtype = qtype.lower()
-    if qtype not in QTYPES:
-        raise ValueError(f"unknown GGUF type {qtype!r}; expected one of {QTYPES}")
     head_type = head_type or embed_type
+    for what, value, allowed in (("GGUF type", qtype, QTYPES), ("embedding type", embed_type, FLOAT_TYPES),
+                                 ("head type", head_type, FLOAT_TYPES)):
+        if value not in allowed:  # checked before the model is loaded (FormatError is also a ValueError)
+            raise FormatError(f"unknown {what} {value!r}; expected one of {allowed}")
+    if Path(output).is_dir():
+        raise BitLLMError(f"{output} is a directory; give the .gguf file to write")
     directory = resolve_model_dir(model_path)
     model = from_pretrained(directory)
     arch = _arch_of(model)
@@ -412,8 +417,15 @@ def _field(reader, key: str, default=None):
     f = reader.fields.get(key)
     if f is None:
         return default
-    v = f.contents()
-    return v
+    try:
+        return f.contents()
+    except (UnicodeDecodeError, ValueError, IndexError, TypeError) as e:  # e.g. a string that is not UTF-8
+        raise FormatError(f"{getattr(reader.data, 'filename', 'GGUF file')}: metadata {key} cannot be read ({e})") from None
+
+
+# llama.cpp's names (src/llama-vocab.cpp) for the two byte-level pre-tokenizers bitllm rebuilds
+_PRE_GPT2 = ("gpt-2",)
+_PRE_LLAMA3 = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
 
 
 def import_gguf(path: str | os.PathLike, output: str | os.PathLike, format: str = "i2") -> Path:
@@ -425,6 +437,7 @@ def import_gguf(path: str | os.PathLike, output: str | os.PathLike, format: str 
     from bitllm.formats.checkpoint import _skeleton, save_pretrained
     from bitllm.nn.packed import PackedLinear
 
+    PackFormat(format)  # an unknown format fails before the file is read
     path = Path(path)
     try:
         reader = gguf.GGUFReader(str(path))
@@ -435,58 +448,75 @@ def import_gguf(path: str | os.PathLike, output: str | os.PathLike, format: str 
         raise UnsupportedModelError(f"{path}: architecture {arch!r} is not imported (llama, bitnet)")
     tensors = {t.name: t for t in reader.tensors}
 
-    def need(key):
-        v = _field(reader, f"{arch}.{key}")
+    def need(key, default=None, kind=int):
+        """A positive int (or float) metadata value; FormatError if missing (without a default) or malformed."""
+        v = _field(reader, f"{arch}.{key}", default)
         if v is None:
             raise FormatError(f"{path}: metadata {arch}.{key} is missing")
-        return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0 or (kind is int and v != int(v)):
+            raise FormatError(f"{path}: metadata {arch}.{key} = {v!r} is not a positive {'integer' if kind is int else 'number'}")
+        return kind(v)
 
-    hidden, n_layer, n_head = int(need("embedding_length")), int(need("block_count")), int(need("attention.head_count"))
-    n_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
-    ffn = int(need("feed_forward_length"))
-    head_dim = int(_field(reader, f"{arch}.rope.dimension_count", hidden // n_head))
+    hidden, n_layer, n_head = need("embedding_length"), need("block_count"), need("attention.head_count")
+    n_kv = need("attention.head_count_kv", n_head)
+    ffn = need("feed_forward_length")
+    head_dim = need("rope.dimension_count", hidden // n_head)
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if "token_embd.weight" not in tensors:
         raise FormatError(f"{path}: tensor 'token_embd.weight' is missing")
+    if f"blk.{n_layer - 1}.attn_norm.weight" not in tensors:  # checked before building n_layer empty layers
+        raise FormatError(f"{path}: metadata {arch}.block_count = {n_layer}, but tensor 'blk.{n_layer - 1}.attn_norm.weight' is missing")
     vocab = int(tensors["token_embd.weight"].shape[-1])
     common = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=n_layer,
         num_attention_heads=n_head, num_key_value_heads=n_kv, head_dim=head_dim,
-        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
-        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        rope_parameters={"rope_type": "default", "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0))},
+        max_position_embeddings=need("context_length", 2048),
+        rms_norm_eps=need("attention.layer_norm_rms_epsilon", kind=float),
+        rope_parameters={"rope_type": "default", "rope_theta": need("rope.freq_base", 10000.0, float)},
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
     )
-    if arch == "llama":
-        config = LlamaConfig(tie_word_embeddings="output.weight" not in tensors, **common)
-        config.architectures = ["LlamaForCausalLM"]
-    else:
-        config = BitNetConfig(hidden_act="silu", tie_word_embeddings=True, **common)
-        config.architectures = ["BitNetForCausalLM"]
+    try:
+        if arch == "llama":
+            config = LlamaConfig(tie_word_embeddings="output.weight" not in tensors, **common)
+            config.architectures = ["LlamaForCausalLM"]
+        else:
+            config = BitNetConfig(hidden_act="silu", tie_word_embeddings=True, **common)
+            config.architectures = ["BitNetForCausalLM"]
+    except (ValueError, TypeError) as e:  # transformers validates e.g. hidden_size % num_attention_heads
+        raise FormatError(f"{path}: the {arch}.* metadata does not describe a valid model ({e})") from None
     model = _skeleton(config)
+    used: set[str] = set()
 
-    def dense(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def tensor(name: str, shape: tuple[int, ...]):
+        """The reader tensor `name`, checked to have the (row-major) shape; GGUF lists dims fastest first."""
         if name not in tensors:
             raise FormatError(f"{path}: tensor {name!r} is missing")
         t = tensors[name]
-        arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        found = tuple(int(x) for x in reversed(list(t.shape)))
+        if found != tuple(shape):
+            raise FormatError(f"{path}: tensor {name!r} has shape {found}, expected {tuple(shape)}")
+        used.add(name)
+        return t
+
+    def dense(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = tensor(name, shape)
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        except (NotImplementedError, ValueError) as e:
+            raise UnsupportedModelError(f"{path}: tensor {name!r} of type {t.tensor_type.name} cannot be read ({e})") from None
         if not np.isfinite(arr).all():
             raise FormatError(f"{path}: tensor {name!r} holds NaN/inf")
         return torch.from_numpy(np.array(arr, dtype=np.float32))
 
     def ternary(name: str, out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if name not in tensors:
-            raise FormatError(f"{path}: tensor {name!r} is missing")
-        t = tensors[name]
+        t = tensor(name, (out_f, in_f))
         kind = t.tensor_type
         n = out_f * in_f
-        if int(t.n_elements) != n:
-            raise FormatError(f"{path}: tensor {name!r} has {int(t.n_elements)} values, expected {out_f}x{in_f}")
-        if kind == gguf.GGMLQuantizationType.TQ2_0:
-            codes, d = unpack_tq2_0(t.data, n)
-        elif kind == gguf.GGMLQuantizationType.TQ1_0:
-            codes, d = unpack_tq1_0(t.data, n)
+        if kind in (gguf.GGMLQuantizationType.TQ2_0, gguf.GGMLQuantizationType.TQ1_0):
+            unpack = unpack_tq2_0 if kind == gguf.GGMLQuantizationType.TQ2_0 else unpack_tq1_0
+            codes, d = unpack(t.data, n)
+            codes.reshape(-1, QK_K)[d == 0] = 0  # a block with d = 0 is all zeros whatever its codes (as llama.cpp reads it)
         elif kind in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
             vals = np.asarray(t.data, dtype=np.float32).reshape(-1)
             mag = np.unique(np.abs(vals[vals != 0]))
@@ -504,7 +534,7 @@ def import_gguf(path: str | os.PathLike, output: str | os.PathLike, format: str 
         gamma = float(live[0]) if live.size else 1.0
         scale_name = name.replace(".weight", ".scale")
         if scale_name in tensors:
-            gamma *= float(np.asarray(tensors[scale_name].data, dtype=np.float32).reshape(-1)[0])
+            gamma *= float(dense(scale_name, (1,))[0])
         if not np.isfinite(gamma) or gamma <= 0:
             raise FormatError(f"{path}: tensor {name!r} has a non-positive or non-finite scale {gamma}")
         w = codes.reshape(out_f, in_f)
@@ -535,11 +565,14 @@ def import_gguf(path: str | os.PathLike, output: str | os.PathLike, format: str 
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise FormatError(f"{path}: tensors missing for {missing[:5]}")
-    tokenizer = _tokenizer_from_gguf(reader, tokens) if tokens else None
+    unused = sorted(set(tensors) - used)
+    if unused:  # e.g. rope_freqs.weight (RoPE scaling): dropping it would change the model
+        raise UnsupportedModelError(f"{path}: tensors bitllm does not import for {arch!r}: {unused[:5]}")
+    tokenizer = _tokenizer_from_gguf(reader, tokens, path) if tokens else None
     return save_pretrained(model, output, format, tokenizer=tokenizer)
 
 
-def _tokenizer_from_gguf(reader, tokens: list[str]):
+def _tokenizer_from_gguf(reader, tokens: list[str], path: Path | None = None):
     """A PreTrainedTokenizerFast rebuilt from GGUF byte-level BPE metadata (gpt-2 / llama3 pre)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -547,12 +580,24 @@ def _tokenizer_from_gguf(reader, tokens: list[str]):
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
         log.warning("GGUF tokenizer model %r is not rebuilt; the checkpoint has no tokenizer", _field(reader, "tokenizer.ggml.model"))
         return None
-    merges = [tuple(m.split(" ", 1)) for m in (_field(reader, "tokenizer.ggml.merges") or [])]
+    pre = _field(reader, "tokenizer.ggml.pre")
+    if pre not in _PRE_GPT2 + _PRE_LLAMA3:  # never guess: a wrong pre-tokenizer silently changes every token id
+        log.warning("GGUF pre-tokenizer %r is not rebuilt (known: %s); the checkpoint has no tokenizer", pre,
+                    ", ".join(_PRE_GPT2 + _PRE_LLAMA3))
+        return None
+    raw_merges = _field(reader, "tokenizer.ggml.merges") or []
+    merges = [tuple(m.split(" ", 1)) for m in raw_merges]
+    bad = next((m for m in raw_merges if len(m.split(" ", 1)) != 2), None)
     types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    if bad is not None or len(types) != len(tokens):
+        why = f"merge {bad!r} is not two tokens" if bad is not None else f"{len(types)} token types for {len(tokens)} tokens"
+        raise FormatError(f"{path}: tokenizer metadata is inconsistent ({why})")
     vocab = {t: i for i, t in enumerate(tokens) if types[i] != 5}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    pre = _field(reader, "tokenizer.ggml.pre", "gpt-2")
-    if pre == "llama3":
+    try:
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _PRE_LLAMA3))
+    except Exception as e:  # tokenizers raises a bare Exception for e.g. a merge of unknown tokens
+        raise FormatError(f"{path}: tokenizer metadata cannot be rebuilt as a BPE tokenizer ({e})") from None
+    if pre in _PRE_LLAMA3:
         tk.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),

@@ -31,6 +31,10 @@ class PackFormat(str, Enum):
     """Binary, 1 bit/weight. Shape (out, ceil(in/8)). Bit i of byte j of row r is 1 iff
     w[r,8j+i] = -1 (bit 0 = first column; OneBit's convention). Padding bits are 0 (+1)."""
 
+    @classmethod
+    def _missing_(cls, value):  # a FormatError (still a ValueError), so the CLI reports it cleanly
+        raise FormatError(f"unknown pack format {value!r}; expected one of {[f.value for f in cls]}")
+
     @property
     def ternary(self) -> bool:
         return self is not PackFormat.B1

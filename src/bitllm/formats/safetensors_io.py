@@ -33,6 +33,8 @@ class CheckpointReader:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise FormatError(f"{index}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise FormatError(f"{index}: weight_map must map tensor names to shard file names")
             files = sorted({self.directory / f for f in weight_map.values()})
         elif single.exists():
             files = [single]
