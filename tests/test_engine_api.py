@@ -345,3 +345,94 @@ def test_hf_bitnet_scale_conventions(tmp_path, linear_class):
     with kernel_mode("reference"):
         toks, _ = hf_greedy(from_pretrained(d), [1, 5, 9], 12)
     assert LLM(d, threads=1).generate([1, 5, 9], max_new_tokens=12, ignore_eos=True).token_ids == toks
+
+
+# --- API edges -------------------------------------------------------------------------------------
+
+
+def test_generate_takes_1d_tensors_and_arrays(llm):
+    ids = llm.encode("the quick brown")
+    want = llm.generate(ids, max_new_tokens=6, ignore_eos=True).token_ids
+    for prompt in (torch.tensor(ids), np.array(ids, dtype=np.int32)):  # one prompt of token ids
+        out = llm.generate(prompt, max_new_tokens=6, ignore_eos=True)
+        assert isinstance(out, str) and out.token_ids == want
+    rows = llm.generate(torch.tensor([ids, ids]), max_new_tokens=6, ignore_eos=True)  # (B, T): a prompt per row
+    assert [r.token_ids for r in rows] == [want, want]
+
+
+def test_stream_validates_at_the_call(llm):
+    """Bad settings and prompts raise when stream() is called, and an unstarted stream holds no KV slot."""
+    import inspect
+
+    eng = llm.backend.engine
+    base = eng.num_sequences()
+    for kwargs in (dict(top_p=0), dict(temperature=-1), dict(max_new_tokens=-1)):
+        with pytest.raises(BitLLMError):
+            llm.stream("the quick", **kwargs)
+    with pytest.raises(BitLLMError, match="context is 128"):
+        llm.stream(list(range(3, 200)))
+    with pytest.raises(BitLLMError, match="outside the vocabulary"):
+        llm.stream([VOCAB + 5])
+    g = llm.stream("the quick", max_new_tokens=4, ignore_eos=True)
+    assert inspect.isgenerator(g) and eng.num_sequences() == base
+    assert "".join(g) == llm.generate("the quick", max_new_tokens=4, ignore_eos=True)
+    assert eng.num_sequences() == base
+
+
+STRICT_TEMPLATE = (  # as Llama 2 / Mistral templates: an optional system message, then user/assistant/user/...
+    "{% set turns = messages[1:] if messages[0]['role'] == 'system' else messages %}"
+    "{% for m in turns %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% endfor %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_trims_whole_exchanges(text_model, monkeypatch):
+    """A history past the context loses its oldest user+assistant exchanges, never half of one: the
+    system message stays and the turns still alternate, so a strict template accepts the result."""
+    tok = _tokenizer()
+    tok.chat_template = STRICT_TEMPLATE
+    llm = LLM(text_model, threads=1, max_context=64, tokenizer=tok)
+    system = {"role": "system", "content": "be brief"}
+    history = [system]
+    for i in range(6):
+        history += [{"role": "user", "content": f"tell me about bits and bytes {i}"},
+                    {"role": "assistant", "content": f"ternary models, binary models {i}"}]
+    history.append({"role": "user", "content": "and the lazy dog?"})
+    assert len(llm.chat_ids(history)) > 64
+    sent = []
+    chat_ids = llm.chat_ids
+    monkeypatch.setattr(llm, "chat_ids", lambda m: sent.append(m) or chat_ids(m))
+    out = llm.chat(history, max_new_tokens=2, ignore_eos=True)
+    kept = sent[-1]
+    assert kept[0] == system and kept[1]["role"] == "user" and kept[-1] == history[-1]
+    assert kept == [system] + history[len(history) - len(kept) + 1:]  # a suffix of whole exchanges
+    assert len(kept) < len(history) and out.prompt_tokens == len(chat_ids(kept)) < 63
+    assert len(chat_ids([system] + history[len(history) - len(kept) - 1:])) + 1 >= 64  # one more exchange won't fit
+
+
+def test_hf_backend_opens_slots_under_a_lock():
+    """The transformers fallback hands out slots from any thread (server, scoring), as NativeBackend does."""
+    import threading
+    from types import SimpleNamespace
+
+    from bitllm.engine.llm import HFBackend
+
+    model = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: SimpleNamespace(vocab_size=8)))
+    be = HFBackend(model, 32)
+    got = []
+    with be._lock:  # held elsewhere: open waits for it
+        t = threading.Thread(target=lambda: got.append(be.open(8)))
+        t.start()
+        t.join(0.2)
+        assert t.is_alive() and not got
+    t.join(5)
+    assert got == [0]
+    threads = [threading.Thread(target=lambda: got.extend(be.open(8) for _ in range(200))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(got) == list(range(801))
+    be.close(0)
+    assert 0 not in be._caches and len(be._caches) == 800

@@ -63,3 +63,36 @@ def test_chat_survives_a_message_longer_than_the_context(tmp_path):
                            input="hello " * 300 + "\nbits\n/exit\n")
     assert r.exit_code == 0, r.output
     assert "context is 128" in r.output and r.output.count("> ") == 3  # the session went on to "bits"
+
+
+def test_run_reads_the_prompt_from_stdin(tmp_path):
+    d = _save(tmp_path / "m", tokenizer=_tokenizer())
+    args = ["-n", "5", "-t", "1"]
+    direct = CliRunner().invoke(app, ["run", str(d), "the quick", *args])
+    piped = CliRunner().invoke(app, ["run", str(d), "-", *args], input="the quick\n")  # as `echo ... |`
+    assert direct.exit_code == 0 and piped.exit_code == 0, piped.output
+    assert piped.stdout == direct.stdout and "prefill" in piped.output
+    ids = CliRunner().invoke(app, ["run", str(d), "-", "--ids", *args], input="1,5,9\n")
+    assert ids.exit_code == 0 and "prefill 3 tokens" in ids.output, ids.output
+    empty = CliRunner().invoke(app, ["run", str(d), "-", *args], input="")
+    assert empty.exit_code != 0 and "stdin" in str(empty.exception or empty.output)
+
+
+def test_run_interrupted_still_reports_speed(tmp_path, monkeypatch):
+    """Ctrl-C (here: during the 4th engine step) stops the stream; what was generated is still measured."""
+    from bitllm.engine.llm import NativeBackend
+
+    d = _save(tmp_path / "m")
+    forward, calls = NativeBackend.forward, []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(NativeBackend, "forward", interrupted)
+    r = CliRunner().invoke(app, ["run", str(d), "1,5,9", "--ids", "-n", "20", "-t", "1"])
+    assert r.exit_code == 130, r.output
+    assert len(r.stdout.split()) == 4 and "[interrupted]" in r.stdout  # three token ids, then the notice
+    assert "prefill 3 tokens" in r.output and "decode 2 tokens" in r.output

@@ -375,3 +375,123 @@ def test_request_timeout(llm, slow):
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 200, "ignore_eos": True})
         assert error_of(r, 504)["type"] == "timeout"
         assert metric(s.url, "bitllm_timeouts_total") == 1 and s.engine.kv_sequences() == 0
+
+
+# --- sampling edge cases, metrics, CORS ------------------------------------------------------------
+
+
+def test_top_p_zero_is_greedy(llm, server):
+    """OpenAI accepts top_p 0 (only the most likely token): the answer is the greedy one, whatever the
+    temperature and seed."""
+    want = llm.generate("The quick brown", max_new_tokens=8, ignore_eos=True)
+    for seed in (1, 2):
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "The quick brown", "max_tokens": 8, "top_p": 0,
+                                                             "temperature": 1.5, "seed": seed, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want
+    assert error_of(httpx.post(server.url + "/v1/completions", json={"prompt": "x", "top_p": -0.1}), 400)["param"] == "top_p"
+
+
+def test_tokens_per_second_over_the_window():
+    """The rate is the window's tokens over min(10 s, time since the first step began), never over the
+    span of the few steps that happen to be recent."""
+    from bitllm.serve.scheduler import Metrics
+
+    now = [100.0]
+    m = Metrics(clock=lambda: now[0])
+    assert m.tokens_per_second() == 0.0
+    m.step(4, 0.5)  # one step of 4 tokens that took 0.5 s, ending at t = 100
+    assert m.tokens_per_second() == pytest.approx(8.0)
+    now[0] = 101.5
+    assert m.tokens_per_second() == pytest.approx(2.0)  # 4 tokens since t = 99.5
+    for _ in range(60):  # 30 s of steps: 4 tokens every 0.5 s
+        now[0] += 0.5
+        m.step(4, 0.5)
+    assert m.tokens_per_second() == pytest.approx(8.0)
+    now[0] += 60
+    assert m.tokens_per_second() == 0.0
+
+
+def test_kv_sequences_never_walks_the_batch():
+    """/metrics runs on the web thread while the engine thread mutates `batch.seqs`: kv_sequences reads
+    the Batch's own slot counter instead of iterating the dict (transformers fallback)."""
+    import numpy as np
+
+    from bitllm.engine.batch import Batch
+    from bitllm.engine.sampling import SamplingParams
+    from bitllm.serve.scheduler import EngineLoop
+
+    class Backend:  # no native `engine`: the fallback's path
+        vocab, max_context = 8, 32
+
+        def open(self, capacity):
+            return 0
+
+        def close(self, slot):
+            pass
+
+        def forward(self, slots, tokens, all_logits=False, last=None):
+            return np.zeros((len(slots), self.vocab), np.float32)
+
+    class FakeLLM:
+        backend = Backend()
+
+        def batch(self):
+            return Batch(self.backend)
+
+    class Unwalkable(dict):
+        def values(self):
+            raise RuntimeError("dictionary changed size during iteration")
+
+    loop = EngineLoop(FakeLLM())
+    b = loop.batch
+
+    def kv_sequences() -> int:  # as /metrics calls it, with the dict unwalkable meanwhile
+        seqs, b.seqs = b.seqs, Unwalkable(b.seqs)
+        try:
+            return loop.kv_sequences()
+        finally:
+            b.seqs = seqs
+
+    short = b.add([1, 2], SamplingParams(max_new_tokens=1))
+    long = b.add([1, 2], SamplingParams(max_new_tokens=5))
+    b.add([3], SamplingParams(max_new_tokens=0))  # finished at once: holds no slot
+    assert kv_sequences() == 2
+    b.step()  # `short` finishes and frees its slot
+    assert b.seqs[short].finished and kv_sequences() == 1
+    b.cancel(long)
+    assert kv_sequences() == 0
+
+
+def test_cors_is_off_by_default_and_answers_preflights_when_on(llm, server):
+    origin = "http://ui.example:3000"
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    r = httpx.options(server.url + "/v1/chat/completions", headers=preflight)
+    assert r.status_code != 200 and "access-control-allow-origin" not in r.headers
+    with Server(llm, ServeConfig(model_name="tiny", api_key=KEY, cors_origins=(origin,))) as s:
+        r = httpx.options(s.url + "/v1/chat/completions", headers=preflight)  # no key on a preflight: not a 401
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        assert "POST" in r.headers["access-control-allow-methods"]
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        other = httpx.options(s.url + "/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        denied = httpx.get(s.url + "/v1/models", headers={"Origin": origin})  # the page can read the 401
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == origin
+        ok = httpx.get(s.url + "/v1/models", headers={"Origin": origin, "Authorization": f"Bearer {KEY}"})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == origin
+
+
+def test_serve_command_passes_cors_origins(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import bitllm.serve
+    from bitllm.cli import app
+
+    got = {}
+    monkeypatch.setattr(bitllm.serve, "serve", lambda llm, host, port, config: got.setdefault("cfg", config))
+    d = tiny_chat_checkpoint(tmp_path / "m")
+    r = CliRunner().invoke(app, ["serve", str(d), "--threads", "1", "--cors-origin", "http://a.example",
+                                 "--cors-origin", "http://b.example"])
+    assert r.exit_code == 0, r.output
+    assert got["cfg"].cors_origins == ("http://a.example", "http://b.example")

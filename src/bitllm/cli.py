@@ -163,7 +163,7 @@ def import_(
 @app.command()
 def run(
     model: str = typer.Argument(..., help="Packed model: local directory or hub id."),
-    prompt: str = typer.Argument(..., help="Prompt text (with --ids: comma-separated token ids)."),
+    prompt: str = typer.Argument(..., help="Prompt text (with --ids: comma-separated token ids); '-' reads it from stdin."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate at most."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0 = off)."),
@@ -175,9 +175,13 @@ def run(
     kv_dtype: str = typer.Option("f32", "--kv-dtype", help="KV cache precision in the native engine: f32 | f16 (half the memory)."),
     ids: bool = typer.Option(False, "--ids", help="PROMPT is comma-separated token ids (models without a tokenizer)."),
 ) -> None:
-    """Stream the continuation of PROMPT, then print prefill and decode speed."""
+    """Stream the continuation of PROMPT, then print prefill and decode speed (Ctrl-C stops it, speed still printed)."""
     from bitllm.engine import LLM
 
+    if prompt == "-":
+        prompt = sys.stdin.read().rstrip("\n")  # the final newline of `echo` or a file is not part of the prompt
+        if not prompt.strip():
+            raise BitLLMError("PROMPT is '-' but stdin held no prompt")
     if ids:
         try:
             p = [int(x) for x in prompt.split(",") if x.strip()]
@@ -186,16 +190,26 @@ def run(
     else:
         p = prompt
     llm = LLM(model, threads=threads, head=head, kv_dtype=kv_dtype, verbose=True)
-    for piece in llm.stream(p, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed):
-        sys.stdout.write(piece if isinstance(piece, str) else f"{piece} ")
-        sys.stdout.flush()
+    pieces = llm.stream(p, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, seed=seed)
+    interrupted = False
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece if isinstance(piece, str) else f"{piece} ")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        sys.stdout.write(" [interrupted]")
+    finally:
+        pieces.close()  # frees the sequence and records last_stats, wherever the interrupt landed
     sys.stdout.write("\n")
     s = llm.last_stats
     rate = lambda n, t: n / t if t > 0 else float("nan")  # noqa: E731
     console.print(f"[dim]{llm.backend_name} backend, {llm.threads} thread(s): prefill {s['prefill_tokens']} tokens "
                   f"{rate(s['prefill_tokens'], s['prefill_s']):.1f} tok/s, decode {s['decode_tokens']} tokens "
                   f"{rate(s['decode_tokens'], s['decode_s']):.1f} tok/s[/dim]")
+    if interrupted:
+        raise typer.Exit(130)  # the shell's code for Ctrl-C
 
 
 @app.command()
@@ -272,6 +286,7 @@ def serve(
     max_body_bytes: int = typer.Option(1 << 20, help="Largest request body in bytes (then 413)."),
     head: str = typer.Option("f16", help="LM head precision in the native engine: f16 | i8."),
     kv_dtype: str = typer.Option("f32", "--kv-dtype", help="KV cache precision in the native engine: f32 | f16 (half the memory)."),
+    cors_origin: list[str] = typer.Option([], "--cors-origin", help="Let web pages from ORIGIN (e.g. http://localhost:3000; '*' = any) call the API (CORS). Repeatable; off by default."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming) with a chat page at /."""
     from bitllm.engine.llm import LLM
@@ -281,7 +296,8 @@ def serve(
     llm = LLM(model, threads=threads, head=head, kv_dtype=kv_dtype, verbose=True)
     name = model_name or Path(str(model).rstrip("/")).name
     cfg = ServeConfig(model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, timeout=timeout,
-                      max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes)
+                      max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
+                      cors_origins=tuple(cors_origin))
     console.print(f"[green]serving[/green] {name} on http://{host}:{port}  (chat page at /, API at /v1)")
     run_server(llm, host=host, port=port, config=cfg)
 

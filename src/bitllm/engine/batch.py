@@ -59,6 +59,7 @@ class Batch:
         self.eos = tuple(eos_token_ids)
         self.tokenizer = tokenizer
         self.seqs: dict[int, Sequence] = {}
+        self.open_slots = 0  # sequences holding a backend slot: an int, so other threads may read it safely
         self._next = 0
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
 
@@ -67,6 +68,21 @@ class Batch:
     def add(self, prompt: Seq[int], params: SamplingParams | None = None) -> int:
         """Queue a prompt (token ids); it is prefilled at the next step. Returns the sequence id."""
         params = params or SamplingParams()
+        prompt = self.check(prompt, params)
+        seq = Sequence(self._next, prompt, params, rng=np.random.default_rng(params.seed))
+        self._next += 1
+        self.seqs[seq.id] = seq
+        if params.max_new_tokens == 0:
+            seq.finished, seq.finish_reason = True, "length"
+            return seq.id
+        capacity = min(self.backend.max_context, len(prompt) + params.max_new_tokens - 1)
+        seq.slot = self.backend.open(max(capacity, len(prompt)))
+        self.open_slots += 1
+        seq.pending = list(prompt)
+        return seq.id
+
+    def check(self, prompt: Seq[int], params: SamplingParams) -> list[int]:
+        """The prompt as a list of ints, or BitLLMError if `add` would refuse it (opens no slot)."""
         prompt = [int(t) for t in prompt]
         ctx = self.backend.max_context
         if not prompt:
@@ -79,16 +95,7 @@ class Batch:
             raise BitLLMError(f"token id {bad[0]} is outside the vocabulary (0..{self.backend.vocab - 1})")
         if params.stop and self.tokenizer is None:
             raise BitLLMError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
-        seq = Sequence(self._next, prompt, params, rng=np.random.default_rng(params.seed))
-        self._next += 1
-        self.seqs[seq.id] = seq
-        if params.max_new_tokens == 0:
-            seq.finished, seq.finish_reason = True, "length"
-            return seq.id
-        capacity = min(ctx, len(prompt) + params.max_new_tokens - 1)
-        seq.slot = self.backend.open(max(capacity, len(prompt)))
-        seq.pending = list(prompt)
-        return seq.id
+        return prompt
 
     def cancel(self, seq_id: int) -> None:
         """Stop a sequence now and free its cache slot (its output so far stays readable)."""
@@ -110,6 +117,7 @@ class Batch:
         if seq.slot is not None:
             self.backend.close(seq.slot)
             seq.slot = None
+            self.open_slots -= 1
 
     # -- one step ------------------------------------------------------------------------------
 

@@ -81,15 +81,18 @@ class HFBackend:
         self.max_context = int(max_context)
         self._caches: dict[int, Any] = {}
         self._next = 0
+        self._lock = threading.Lock()  # slots are opened and closed from any thread (server, scoring)
 
     def open(self, capacity: int) -> int:
-        slot = self._next
-        self._next += 1
-        self._caches[slot] = None
+        with self._lock:
+            slot = self._next
+            self._next += 1
+            self._caches[slot] = None
         return slot
 
     def close(self, slot: int) -> None:
-        self._caches.pop(slot, None)
+        with self._lock:
+            self._caches.pop(slot, None)
 
     @torch.inference_mode()
     def forward(self, slots: Seq[int], tokens: Seq[Seq[int]], all_logits: bool = False,
@@ -261,7 +264,10 @@ class LLM:
     def generate(self, prompts: Prompt | list[Prompt], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: str | Seq[str] | None = None, **kwargs) -> Completion | list[Completion]:
-        """Complete one prompt (text or token ids) or a list of them, all in one running batch."""
+        """Complete one prompt (text or token ids) or a list of them, all in one running batch. A 1-D
+        tensor or array of token ids is one prompt; a 2-D one is a prompt per row."""
+        if isinstance(prompts, (torch.Tensor, np.ndarray)):
+            prompts = prompts.tolist()  # (T,) -> [ids]; (B, T) -> [[ids], ...]
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
         plist = [prompts] if single else list(prompts)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -281,11 +287,16 @@ class LLM:
     def stream(self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: str | Seq[str] | None = None, **kwargs) -> Iterator[str | int]:
-        """Yield the continuation piece by piece: text pieces with a tokenizer, token ids without."""
+        """Yield the continuation piece by piece: text pieces with a tokenizer, token ids without.
+        Bad settings or a prompt the model cannot take raise here, not at the first `next()`."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed, stop=stop or (), **kwargs)
         b = self.batch()
-        sid = b.add(self.encode(prompt), params)
+        ids = b.check(self.encode(prompt), params)
+        return self._stream(b, ids, params)
+
+    def _stream(self, b: Batch, ids: list[int], params: SamplingParams) -> Iterator[str | int]:
+        sid = b.add(ids, params)  # here, not in stream(): a generator never started must hold no slot
         seq = b.seqs[sid]
         try:
             while not seq.finished:
@@ -321,12 +332,18 @@ class LLM:
 
     def chat(self, messages: list[dict[str, str]], stream: bool = False, max_new_tokens: int = 256, **kwargs):
         """Answer the last user message. stream=True yields text pieces; else returns a Completion.
-        The oldest turns (after a system message) are dropped when the history outgrows the context."""
+        When the history outgrows the context, the oldest exchanges (a user message and the replies up
+        to the next one) are dropped, a leading system message kept: the history still starts with a
+        user turn, as templates that enforce user/assistant alternation require."""
         ids = self.chat_ids(messages)
-        messages = list(messages)
-        while len(ids) + 1 >= self.backend.max_context and len(messages) > 1:
-            del messages[1 if messages[0].get("role") == "system" and len(messages) > 2 else 0]
-            ids = self.chat_ids(messages)
+        head = list(messages[:1]) if messages[0].get("role") == "system" else []
+        turns = list(messages[len(head):])
+        while len(ids) + 1 >= self.backend.max_context:
+            nxt = next((i for i in range(1, len(turns)) if turns[i].get("role") == "user"), None)
+            if nxt is None:  # the last exchange alone is too long: generate() says so
+                break
+            turns = turns[nxt:]
+            ids = self.chat_ids(head + turns)
         if not getattr(self.tokenizer, "chat_template", None):
             kwargs["stop"] = tuple(kwargs.get("stop") or ()) + ("\nUser:",)
         if stream:

@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from bitllm.errors import BitLLMError
 from bitllm.serve import protocol as P
@@ -51,6 +52,7 @@ class ServeConfig:
     max_prompt_tokens: int | None = None  # default: the model's context - 1
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
     default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*" = any); none = CORS off
 
 
 def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
@@ -75,6 +77,9 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
     app = FastAPI(title="bitllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.config, app.state.llm, app.state.metrics = cfg, llm, metrics
     app.add_middleware(Guard, config=cfg, metrics=metrics)
+    if cfg.cors_origins:  # added last, so it wraps Guard: preflights carry no API key, and 401s get CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["Retry-After"])
 
     # -- errors: always OpenAI's JSON shape, never a stack trace -----------------------------------
 
@@ -178,7 +183,10 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
             max_tokens = min(cfg.max_tokens, context - len(ids)) if chat else cfg.default_max_tokens
         if max_tokens > cfg.max_tokens:
             raise P.ApiError(400, f"{param} is {max_tokens}; this server allows at most {cfg.max_tokens}", param=param)
-        params = llm.sampling_params(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+        # top_p 0 keeps only the most likely token: greedy (SamplingParams itself wants 0 < top_p <= 1)
+        greedy = body.top_p == 0
+        params = llm.sampling_params(max_new_tokens=max_tokens, temperature=0.0 if greedy else body.temperature,
+                                     top_p=1.0 if greedy else body.top_p,
                                      seed=body.seed, stop=tuple(body.stop or ()) + extra_stop, top_k=body.top_k,
                                      repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos)
         engine: EngineLoop = app.state.engine

@@ -56,7 +56,7 @@ class _Sampling(_Nullable):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0 (OpenAI accepts it): only the most likely token, i.e. greedy
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False

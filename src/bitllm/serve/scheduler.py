@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from bitllm.engine.sampling import SamplingParams
 
@@ -66,8 +66,10 @@ class Metrics:
     """Counters the engine loop and the handlers update, rendered in Prometheus' text format."""
 
     BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+    WINDOW = 10.0  # seconds of steps behind bitllm_tokens_per_second
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.lock = threading.Lock()
         self.requests: collections.Counter = collections.Counter()  # (endpoint, status code) -> n
         self.prompt_tokens = 0
@@ -79,31 +81,38 @@ class Metrics:
         self.step_seconds = 0.0
         self.batch_hist = [0] * (len(self.BUCKETS) + 1)  # per-bucket counts, last = +Inf
         self.batch_sum = 0
-        self.recent: collections.deque = collections.deque()  # (time, tokens) of recent steps for tok/s
+        self.recent: collections.deque = collections.deque()  # (end time, tokens) of recent steps for tok/s
+        self.first_step: float | None = None  # when the first step began: the rate's window starts no earlier
 
     def request(self, endpoint: str, status: int) -> None:
         with self.lock:
             self.requests[(endpoint, status)] += 1
 
     def step(self, size: int, seconds: float) -> None:
-        now = time.monotonic()
+        now = self.clock()
         with self.lock:
+            if self.first_step is None:
+                self.first_step = now - seconds
             self.steps += 1
             self.step_seconds += seconds
             self.batch_sum += size
             self.batch_hist[next((i for i, b in enumerate(self.BUCKETS) if size <= b), len(self.BUCKETS))] += 1
             self.recent.append((now, size))
-            while self.recent and self.recent[0][0] < now - 10.0:
+            while self.recent and self.recent[0][0] <= now - self.WINDOW:
                 self.recent.popleft()
 
     def tokens_per_second(self) -> float:
-        """Generated tokens per second over the last 10 s (each step yields one token per sequence)."""
-        now = time.monotonic()
+        """Generated tokens per second over the last 10 s (each step yields one token per sequence): the
+        tokens of the steps that ended in the window over its length, or over the time since the first
+        step began when the server is younger than that (not since the first recent step, which reads
+        far too high when few steps are recent)."""
+        now = self.clock()
         with self.lock:
-            pts = [(t, n) for t, n in self.recent if t >= now - 10.0]
-        if not pts:
+            tokens = sum(n for t, n in self.recent if t > now - self.WINDOW)
+            first = self.first_step
+        if not tokens:
             return 0.0
-        return sum(n for _, n in pts) / max(now - pts[0][0], 1e-3)
+        return tokens / max(min(self.WINDOW, now - first), 1e-3)
 
     def render(self, gauges: dict[str, tuple[str, float]]) -> str:
         out: list[str] = []
@@ -204,7 +213,7 @@ class EngineLoop:
         engine = getattr(self.llm.backend, "engine", None)
         if engine is not None and hasattr(engine, "num_sequences"):
             return int(engine.num_sequences())
-        return sum(1 for s in self.batch.seqs.values() if s.slot is not None)
+        return self.batch.open_slots  # the engine thread's counter: the web thread must not walk batch.seqs
 
     def _retry_after(self) -> int:
         """Seconds until a queue slot is likely free: the queue drains about max_batch requests per
