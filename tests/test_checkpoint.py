@@ -436,6 +436,53 @@ def test_malformed_shard_index(saved, index):
         from_pretrained(saved)
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "ck/../../outside.safetensors", "ABSOLUTE"])
+def test_shard_index_pointing_outside_the_directory_is_refused(saved, shard):
+    """An index must not make bitllm read a file elsewhere, even a valid one (the shard here is the real weights)."""
+    outside = saved.parent / "outside.safetensors"
+    (saved / "model.safetensors").rename(outside)
+    shard = str(outside.resolve()) if shard == "ABSOLUTE" else shard
+    with safe_open(outside, "pt") as h:
+        weight_map = {k: shard for k in h.keys()}
+    (saved / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(FormatError, match=r"index\.json: shard .* is not a file inside the model directory"):
+        from_pretrained(saved)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.25, float("inf")])
+def test_non_positive_weight_scale_names_file_and_tensor(saved, value):
+    """A ternary/binary scale is mean|W| > 0; the HF-layout path checks the same (4.3)."""
+    key = "model.layers.1.mlp.down_proj.weight_scale"
+    _rewrite(saved, lambda sd: sd[key].fill_(value))
+    with pytest.raises(FormatError, match=rf"model\.safetensors: tensor '{key}' (must hold positive|holds 1 NaN/inf)"):
+        from_pretrained(saved)
+
+
+def test_onebit_scales_of_either_sign_load(tmp_path):
+    """OneBit's h is learned (any sign is a valid model), so the positivity rule is not applied to it."""
+    model = _quantized("llama", "onebit")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight_scale.neg_()
+    save_pretrained(model, tmp_path / "ob", "b1")
+    torch.testing.assert_close(_logits(from_pretrained(tmp_path / "ob")), _logits(model))
+
+
+def test_unknown_linear_class_is_a_format_error(tmp_path, monkeypatch, capsys):
+    """`bitllm pack --linear-class foo` is one error line naming the choices, before the model is loaded."""
+    from bitllm.cli import main
+    from bitllm.pack import pack_checkpoint
+
+    with pytest.raises(FormatError, match=r"unknown linear_class 'foo'; expected one of \('bitlinear', 'autobitlinear'\)"):
+        save_pretrained(_quantized("llama", "ternary"), tmp_path / "ck", "i2", linear_class="foo")
+    with pytest.raises(FormatError, match="unknown linear_class 'foo'"):
+        pack_checkpoint(tmp_path / "not-loaded", tmp_path / "out", linear_class="foo")
+    monkeypatch.setattr(sys, "argv", ["bitllm", "pack", str(tmp_path / "fp"), "-o", str(tmp_path / "out"), "--linear-class", "foo"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2 and "unknown linear_class 'foo'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()
+
+
 def test_save_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path):
     """A save replaces its target whole: `-o .` or `-o ~/models` must not delete unrelated files."""
     target = tmp_path / "mine"

@@ -376,3 +376,83 @@ def test_bad_options_are_bitllm_errors(exported, tmp_path):
     with pytest.raises(FormatError, match="unknown pack format 'i3'"):
         import_gguf(exported, tmp_path / "out", "i3")
     assert not list(tmp_path.iterdir())
+
+
+def test_export_names_its_source_without_the_local_path(exported, tmp_path, monkeypatch):
+    """The file is meant to be shared: it names the checkpoint directory or hub id, never a local path."""
+    ck = exported.parent / "ck"
+    r = gguf.GGUFReader(str(exported))
+    assert r.fields["bitllm.source"].contents() == "ck" and r.fields["general.name"].contents() == "ck"
+    assert str(ck.parent.resolve()).encode() not in exported.read_bytes()
+    import bitllm.formats.checkpoint as checkpoint
+
+    real = checkpoint.resolve_model_dir
+    monkeypatch.setattr(checkpoint, "resolve_model_dir", lambda p, *a, **k: ck if p == "org/tiny" else real(p, *a, **k))
+    r = gguf.GGUFReader(str(export_gguf("org/tiny", tmp_path / "hub.gguf", "tq2_0")))
+    assert r.fields["bitllm.source"].contents() == "org/tiny" and r.fields["general.name"].contents() == "tiny"
+
+
+def test_import_takes_the_head_size_from_key_length(tmp_path):
+    """llama.cpp's head size is attention.key_length; rope.dimension_count is the rotated part of it."""
+    ck = _ternary_checkpoint(tmp_path, "llama", head_dim=16)  # 32 heads of 16 on a hidden size of 256
+    f = export_gguf(ck, tmp_path / "m.gguf", "tq2_0", embed_type="f32")
+    assert gguf.GGUFReader(str(f)).fields["llama.attention.key_length"].contents() == 16
+    VT = gguf.GGUFValueType
+    no_rope = _rewrite(f, tmp_path / "no_rope.gguf", fields={"llama.rope.dimension_count": None})
+    import_gguf(no_rope, tmp_path / "back")  # head size 16 from key_length, not 256 / 32 = 8
+    assert from_pretrained(tmp_path / "back").config.head_dim == 16
+    partial = _rewrite(f, tmp_path / "partial.gguf", fields={"llama.rope.dimension_count": (8, VT.UINT32, None)})
+    with pytest.raises(UnsupportedModelError, match=r"partial\.gguf: metadata llama\.rope\.dimension_count = 8 differs "
+                                                    r"from the head size 16.*partial rotary"):
+        import_gguf(partial, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pre,add_bos,add_eos,bos_first,eos_last", [
+    ("gpt-2", True, None, True, False), ("gpt-2", False, None, False, False), ("gpt-2", None, None, False, False),
+    ("llama-bpe", None, None, True, False), ("llama-bpe", False, True, False, True),
+])
+def test_import_adds_bos_exactly_when_the_gguf_says_so(exported, tmp_path, pre, add_bos, add_eos, bos_first, eos_last):
+    """llama.cpp adds BOS per tokenizer.ggml.add_bos_token (absent: true for the llama-3 group, false for gpt-2)."""
+    VT = gguf.GGUFValueType
+    fields = {"tokenizer.ggml.pre": (pre, VT.STRING, None)}
+    for key, value in (("add_bos_token", add_bos), ("add_eos_token", add_eos)):
+        fields[f"tokenizer.ggml.{key}"] = None if value is None else (value, VT.BOOL, None)
+    import_gguf(_rewrite(exported, tmp_path / "b.gguf", fields=fields), tmp_path / "out")
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tmp_path / "out")("hi").input_ids  # as saved and reloaded
+    assert (ids[0] == 1) is bos_first and (ids[-1] == 2) is eos_last, ids  # <s> = 1, </s> = 2
+
+
+def test_export_writes_the_specials_the_tokenizer_really_adds(tmp_path):
+    """A tokenizer.json template that adds <s> ... </s> (Llama 3 style: transformers' add_bos_token attribute
+    says False) is written as add_bos/add_eos true, and the import rebuilds the same behaviour."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    backend = tiny_tokenizer().backend_tokenizer
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    assert not tok.add_bos_token and tok("hi").input_ids[0] == 1
+    model = tiny_model("llama", **SHAPE)
+    quantize_(model, config_for("ternary"))
+    save_pretrained(model, tmp_path / "ck", "i2", tokenizer=tok)
+    f = export_gguf(tmp_path / "ck", tmp_path / "m.gguf", "tq2_0")
+    fields = gguf.GGUFReader(str(f)).fields
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    assert fields["tokenizer.ggml.add_eos_token"].contents() is True
+    import_gguf(f, tmp_path / "back")
+    text = "The quick brown fox"
+    assert AutoTokenizer.from_pretrained(tmp_path / "back")(text).input_ids == tok(text).input_ids
+
+
+def test_import_refuses_an_untied_head_in_a_bitnet_file(tmp_path):
+    """llama.cpp's 'bitnet' graph has no output.weight: an import must not drop it by tying the head."""
+    ck = _ternary_checkpoint(tmp_path, "bitnet", hidden_act="silu")
+    f = export_gguf(ck, tmp_path / "m.gguf", "tq2_0", embed_type="f32")
+    head = np.random.default_rng(0).standard_normal((320, 256)).astype(np.float32)  # (vocab, hidden)
+    f = _rewrite(f, tmp_path / "head.gguf", tensors={"output.weight": (head, None)})
+    with pytest.raises(UnsupportedModelError, match=r"head\.gguf: tensor 'output\.weight' \(an untied LM head\)"):
+        import_gguf(f, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bitllm.formats.checkpoint import resolve_model_dir, save_pretrained
+from bitllm.formats.checkpoint import check_linear_class, resolve_model_dir, save_pretrained
+from bitllm.formats.packing import PackFormat
 from bitllm.quant.api import quantize_
 from bitllm.quant.config import config_for
 
@@ -24,6 +25,8 @@ def pack_checkpoint(
     linear_class: str = "bitlinear",
 ) -> Path:
     """Quantize every linear layer but `skip` of a latent-weight checkpoint with `method` and pack it."""
+    PackFormat(format)  # bad options fail (FormatError) before the model is loaded and quantized
+    check_linear_class(linear_class)
     directory = resolve_model_dir(model_id)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     kwargs = {"skip": skip}

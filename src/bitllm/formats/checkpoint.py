@@ -36,6 +36,13 @@ FORMAT_VERSION = 1
 HF_FORMAT = "hf-bitnet"  # the safetensors-metadata name of transformers' BitNet layout
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+LINEAR_CLASSES = ("bitlinear", "autobitlinear")  # HF BitNet scale conventions (docs/formats.md §3)
+
+
+def check_linear_class(linear_class: str) -> None:
+    """FormatError (which the CLI reports as one line) unless `linear_class` is a known convention."""
+    if linear_class not in LINEAR_CLASSES:
+        raise FormatError(f"unknown linear_class {linear_class!r}; expected one of {LINEAR_CLASSES}")
 
 
 # --- saving ----------------------------------------------------------------------------------------
@@ -100,8 +107,7 @@ def save_pretrained(
     combinations use bitllm's own quant_method. Returns the directory.
     """
     fmt = PackFormat(format)
-    if linear_class not in ("bitlinear", "autobitlinear"):
-        raise ValueError(f"linear_class must be 'bitlinear' or 'autobitlinear', got {linear_class!r}")
+    check_linear_class(linear_class)
     layers = _packed_layers(model, fmt)
     if not layers:
         raise BitLLMError(f"{type(model).__name__} has no bitllm layers: call bitllm.quantize_(model, config) first")
@@ -258,6 +264,13 @@ def _load_bitllm_layer(r: CheckpointReader, name: str, module: nn.Module, method
     scale = r.get(f"{name}.weight_scale", dtype=FLOATS)
     if scale.dim() != 1 or scale.numel() not in (1, out_f):
         raise FormatError(f"{r.file_of(name + '.weight_scale')}: tensor {name + '.weight_scale'!r} has shape {tuple(scale.shape)}, expected (1,) or ({out_f},)")
+    # ternary/binary scales are mean|W| (> 0 by construction); OneBit's h is learned and may take any sign
+    if method is not Method.ONEBIT and not (scale.float() > 0).all():
+        bad = scale.float()[~(scale.float() > 0)]
+        raise FormatError(
+            f"{r.file_of(name + '.weight_scale')}: tensor {name + '.weight_scale'!r} must hold positive numbers for "
+            f"{method.value} (it is mean|W|), but {bad.numel()} value(s) are not, e.g. {bad[0].item()}"
+        )
     has_bias = f"{name}.bias" in r
     norm_key = f"{name}.rms_norm.weight"
     layer = PackedLinear(in_f, out_f, has_bias, method, fmt, scale_numel=scale.numel(), input_norm=norm_key in r)

@@ -229,8 +229,21 @@ def _tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
         tid = getattr(tokenizer, f"{name}_token_id", None)
         if tid is not None:
             meta[name] = int(tid)
+    meta["add_bos"], meta["add_eos"] = _added_specials(backend, meta.get("bos"), meta.get("eos"))
     meta["chat_template"] = getattr(tokenizer, "chat_template", None)
     return meta
+
+
+def _added_specials(backend, bos: int | None, eos: int | None) -> tuple[bool, bool]:
+    """(adds BOS, adds EOS) as the tokenizer's post-processor really does it. Llama 3's tokenizer.json
+    adds BOS through its template while transformers' `add_bos_token` attribute says False."""
+    enc = backend.encode("a")  # add_special_tokens=True; "a" itself holds no special token
+    ids, added = enc.ids, enc.special_tokens_mask
+    if 0 not in added:
+        raise UnsupportedModelError("cannot tell which special tokens this tokenizer adds: 'a' encodes to special tokens only")
+    first = added.index(0)  # the text's first token: everything before it was added in front
+    last = len(added) - 1 - added[::-1].index(0)
+    return bos is not None and bos in ids[:first], eos is not None and eos in ids[last + 1:]
 
 
 def _pre_tokenizer_name(pre: dict | None) -> str:
@@ -295,6 +308,10 @@ def export_gguf(
     if Path(output).is_dir():
         raise BitLLMError(f"{output} is a directory; give the .gguf file to write")
     directory = resolve_model_dir(model_path)
+    # what the file says it came from: the hub id, or only the local directory's name (a full path
+    # would publish the exporter's filesystem layout in a file meant to be shared)
+    local = Path(model_path).expanduser()
+    source = local.resolve().name if local.is_dir() else str(model_path)
     model = from_pretrained(directory)
     arch = _arch_of(model)
     cfg = model.config
@@ -333,7 +350,7 @@ def export_gguf(
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), arch.name)
     try:
-        writer.add_name(Path(directory).name)
+        writer.add_name(source.rsplit("/", 1)[-1])  # not the snapshot hash of a hub download
         writer.add_context_length(int(cfg.max_position_embeddings))
         writer.add_embedding_length(int(cfg.hidden_size))
         writer.add_block_count(int(cfg.num_hidden_layers))
@@ -357,10 +374,11 @@ def export_gguf(
                         ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
             if key in tok:
                 fn(tok[key])
-        writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+        writer.add_add_bos_token(tok["add_bos"])
+        writer.add_add_eos_token(tok["add_eos"])
         if tok["chat_template"]:
             writer.add_chat_template(tok["chat_template"])
-        writer.add_string("bitllm.source", str(directory))
+        writer.add_string("bitllm.source", source)
         writer.add_uint32("bitllm.format_version", 1)
 
         emb = model.get_input_embeddings().weight.detach().float().numpy()
@@ -460,12 +478,26 @@ def import_gguf(path: str | os.PathLike, output: str | os.PathLike, format: str 
     hidden, n_layer, n_head = need("embedding_length"), need("block_count"), need("attention.head_count")
     n_kv = need("attention.head_count_kv", n_head)
     ffn = need("feed_forward_length")
-    head_dim = need("rope.dimension_count", hidden // n_head)
+    # llama.cpp's head size is attention.key_length (default hidden / heads); rope.dimension_count is
+    # the number of rotated dims, which may be smaller (partial rotary), and defaults to the head size
+    head_dim = need("attention.key_length", hidden // n_head)
+    for key in ("attention.value_length", "rope.dimension_count"):
+        if (dims := need(key, head_dim)) != head_dim:
+            raise UnsupportedModelError(
+                f"{path}: metadata {arch}.{key} = {dims} differs from the head size {head_dim}; "
+                + ("partial rotary embeddings are not imported" if key.startswith("rope") else
+                   "value heads of another size than key heads are not imported")
+            )
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if "token_embd.weight" not in tensors:
         raise FormatError(f"{path}: tensor 'token_embd.weight' is missing")
     if f"blk.{n_layer - 1}.attn_norm.weight" not in tensors:  # checked before building n_layer empty layers
         raise FormatError(f"{path}: metadata {arch}.block_count = {n_layer}, but tensor 'blk.{n_layer - 1}.attn_norm.weight' is missing")
+    if arch == "bitnet" and "output.weight" in tensors:  # never tie silently: the head would be dropped
+        raise UnsupportedModelError(
+            f"{path}: tensor 'output.weight' (an untied LM head) is not part of llama.cpp's 'bitnet' architecture, "
+            "which uses token_embd as the head; bitllm does not import it. Export such a model with the 'llama' layout."
+        )
     vocab = int(tensors["token_embd.weight"].shape[-1])
     common = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=n_layer,
@@ -611,7 +643,17 @@ def _tokenizer_from_gguf(reader, tokens: list[str], path: Path | None = None):
         tid = _field(reader, f"tokenizer.ggml.{name}_token_id")
         if tid is not None and tid < len(tokens):
             kwargs[f"{name}_token"] = tokens[tid]
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, **kwargs)
+    # llama.cpp adds BOS/EOS per these keys; without add_bos_token it adds BOS for the llama-3 group only
+    adds = {}
+    for name, default in (("bos", pre in _PRE_LLAMA3), ("eos", False)):
+        add = _field(reader, f"tokenizer.ggml.add_{name}_token", default)
+        if not isinstance(add, bool):
+            raise FormatError(f"{path}: metadata tokenizer.ggml.add_{name}_token = {add!r} is not a boolean")
+        if add and f"{name}_token" not in kwargs:
+            log.warning("%s: the GGUF adds a %s token but names none; the rebuilt tokenizer adds none", path, name)
+            add = False
+        adds[f"add_{name}_token"] = add  # transformers turns these into the post-processor's template
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, **kwargs, **adds)
     fast.add_special_tokens({"additional_special_tokens": [s for s in special if s not in kwargs.values()]})
     template = _field(reader, "tokenizer.chat_template")
     if template:

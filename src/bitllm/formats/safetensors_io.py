@@ -6,7 +6,7 @@ Every reader error becomes a FormatError naming the file, the tensor and the pro
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Iterable
 
 import torch
@@ -17,6 +17,14 @@ from bitllm.errors import FormatError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+
+
+def _inside(name: str) -> bool:
+    """Whether a shard name from an index is a relative path that stays in its directory (no absolute
+    path, drive or `..`, with either separator). Lexical on purpose: the hub cache's shards are
+    symlinks into its blob store, which must still load."""
+    parts = name.replace("\\", "/").split("/")
+    return bool(name) and parts[0] != "" and not PureWindowsPath(name).drive and ".." not in parts
 
 
 class CheckpointReader:
@@ -35,6 +43,9 @@ class CheckpointReader:
                 raise FormatError(f"{index}: not a valid safetensors index ({e})") from None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise FormatError(f"{index}: weight_map must map tensor names to shard file names")
+            outside = next((f for f in weight_map.values() if not _inside(f)), None)
+            if outside is not None:
+                raise FormatError(f"{index}: shard {outside!r} is not a file inside the model directory; refusing to read it")
             files = sorted({self.directory / f for f in weight_map.values()})
         elif single.exists():
             files = [single]
