@@ -23,6 +23,7 @@ from bitllm.formats.checkpoint import from_pretrained, save_pretrained
 from bitllm.nn import PackedLinear
 from bitllm.quant import config_for, quantize_
 from bitllm.tiny import FAMILIES, tiny_model
+from fuzz_helpers import draw_damaged
 
 CASES = [("ternary", "i2"), ("ternary", "t1"), ("ternary-wo", "i2"), ("binary", "b1"), ("onebit", "b1")]
 IDS = torch.tensor([[3, 17, 42, 5, 88, 1, 60, 23, 9, 77]])
@@ -530,18 +531,11 @@ def saved_bytes(tmp_path_factory):
 def test_truncated_or_corrupted_safetensors_raise_format_error(saved_bytes, tmp_path, data):
     """Any prefix of the file, or its header with bytes overwritten, loads or raises a FormatError naming the file."""
     src, raw = saved_bytes
-    raw = bytearray(raw)
-    header = 8 + int.from_bytes(raw[:8], "little")
-    if data.draw(st.booleans(), label="truncate"):
-        raw = raw[: data.draw(st.integers(0, len(raw) - 1), label="length")]
-    else:
-        for at, byte in data.draw(st.lists(st.tuples(st.integers(0, header - 1), st.integers(0, 255)), min_size=1,
-                                           max_size=3), label="edits"):
-            raw[at] = byte
+    damaged = draw_damaged(data, raw, header_end=8 + int.from_bytes(raw[:8], "little"))
     d = tmp_path / "fz"
     shutil.rmtree(d, ignore_errors=True)
     shutil.copytree(src, d)
-    (d / "model.safetensors").write_bytes(bytes(raw))
+    (d / "model.safetensors").write_bytes(damaged)
     try:
         from_pretrained(d)
     except FormatError as e:

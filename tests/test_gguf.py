@@ -21,6 +21,7 @@ from bitllm.formats.gguf_io import (
 )
 from bitllm.quant import config_for, quantize_
 from bitllm.tiny import tiny_model, tiny_tokenizer
+from fuzz_helpers import draw_damaged
 
 gguf = pytest.importorskip("gguf")
 QT = {"tq2_0": gguf.GGMLQuantizationType.TQ2_0, "tq1_0": gguf.GGMLQuantizationType.TQ1_0}
@@ -323,15 +324,8 @@ def exported_header(exported):
 def test_import_of_truncated_or_corrupted_files_raises_only_bitllm_errors(exported_header, tmp_path, data):
     """Any prefix of a file, or its header with bytes overwritten, imports or raises a BitLLMError that names
     the file, and never leaves an output directory behind."""
-    raw, header = bytearray(exported_header[0].read_bytes()), exported_header[1]
-    if data.draw(st.booleans(), label="truncate"):
-        raw = raw[: data.draw(st.integers(0, len(raw) - 1), label="length")]
-    else:
-        for at, byte in data.draw(st.lists(st.tuples(st.integers(0, header - 1), st.integers(0, 255)), min_size=1,
-                                           max_size=3), label="edits"):
-            raw[at] = byte
     f = tmp_path / "fz.gguf"
-    f.write_bytes(bytes(raw))
+    f.write_bytes(draw_damaged(data, exported_header[0].read_bytes(), header_end=exported_header[1]))
     out = tmp_path / "fz-out"
     shutil.rmtree(out, ignore_errors=True)
     try:
