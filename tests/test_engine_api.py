@@ -106,6 +106,17 @@ def test_chat_uses_the_template(llm):
     assert "".join(llm.chat(msgs, stream=True, max_new_tokens=8, ignore_eos=True)) == llm.chat(msgs, max_new_tokens=8, ignore_eos=True)
 
 
+def test_chat_without_template_keeps_a_stop_string_whole(llm, monkeypatch):
+    """Without a chat template the turn ends at "\nUser:", added to the caller's stops: a single stop
+    string stays one string (not one stop per character)."""
+    monkeypatch.setattr(llm.tokenizer, "chat_template", None)
+    seen = []
+    monkeypatch.setattr(llm, "generate", lambda ids, **kw: seen.append(kw["stop"]))
+    llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=2, stop="zz")
+    llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=2, stop=["a", "b"])
+    assert seen == [("zz", "\nUser:"), ("a", "b", "\nUser:")]
+
+
 def test_sampling_seeded_and_topk1_is_greedy(llm):
     greedy = llm.generate("bits", max_new_tokens=10, ignore_eos=True).token_ids
     assert llm.generate("bits", max_new_tokens=10, temperature=0.8, top_k=1, seed=3, ignore_eos=True).token_ids == greedy

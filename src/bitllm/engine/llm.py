@@ -345,7 +345,8 @@ class LLM:
             turns = turns[nxt:]
             ids = self.chat_ids(head + turns)
         if not getattr(self.tokenizer, "chat_template", None):
-            kwargs["stop"] = tuple(kwargs.get("stop") or ()) + ("\nUser:",)
+            stop = kwargs.get("stop") or ()
+            kwargs["stop"] = ((stop,) if isinstance(stop, str) else tuple(stop)) + ("\nUser:",)
         if stream:
             return self.stream(ids, max_new_tokens=max_new_tokens, **kwargs)
         return self.generate(ids, max_new_tokens=max_new_tokens, **kwargs)
