@@ -80,6 +80,18 @@ def test_schedules():
         ConvertConfig(teacher="x", data=["teacher:abc"])
 
 
+@pytest.mark.parametrize("bad,match", [
+    (dict(lr=-1e-4), "lr must be"), (dict(lr=0.0), "lr must be"),  # refused before minutes of loading the teacher
+    (dict(kd_scale=-0.01), "kd_scale"), (dict(kd_beta=-1.0), "kd_beta"),  # would maximise the distillation loss
+    (dict(micro_batch_size=-1), "micro_batch_size"),  # range(negative): steps that train on nothing
+    (dict(weight_decay=-0.1), "weight_decay"), (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(holdout_frac=1.5), "holdout_frac"),
+])
+def test_config_values_that_cannot_convert_are_refused(bad, match):
+    with pytest.raises(bitllm.BitLLMError, match=match):
+        ConvertConfig(teacher="x", **bad)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
 def test_student_is_built_layer_by_layer_from_the_teacher(family):
     """At λ=0 a QAT student computes the teacher's function; tied embeddings stay tied; nothing left on meta."""

@@ -93,3 +93,30 @@ def test_configs_round_trip_json():
         assert again == cfg
     with pytest.raises(Exception, match="unknown quantization method"):
         config_for("int3")
+
+
+def test_quantize_twice_is_refused_and_a_nan_leaves_the_model_untouched():
+    model = tiny_model("llama")
+    quantize_(model, TernaryConfig(skip=("lm_head", "mlp.down_proj")))
+    # a second call used to swap down_proj for BinaryLinear and record "binary" for a mostly ternary model
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize_(model, config_for("binary"))
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear and model.bitllm_config.method.value == "ternary"
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight[0, 0] = float("inf")  # the last linear but lm_head
+    with pytest.raises(QuantizationError, match="down_proj.weight"):
+        quantize_(model, config_for("ternary"))
+    assert not any(isinstance(m, BitLinear) for m in model.modules())  # nothing swapped before the error
+
+
+def test_skip_pattern_that_matches_nothing_warns():
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match=r"\['mlp.dwn_proj'\] match no module"):
+        quantize_(model, TernaryConfig(skip=("lm_head", "mlp.dwn_proj")))
+    assert isinstance(model.model.layers[0].mlp.down_proj, BitLinear)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # patterns that match (and the default lm_head) stay quiet
+        quantize_(tiny_model("llama"), TernaryConfig(skip=("lm_head", "*.layers.0.*", "up_proj")))

@@ -93,3 +93,19 @@ def test_bad_configs_say_what_to_change(tmp_path):
     assert parse_override("recipe.lr=1e-3") == ("recipe.lr", 1e-3)
     assert parse_override('data.train=["a.txt"]') == ("data.train", ["a.txt"])
     assert parse_override("model.layout=llama") == ("model.layout", "llama")
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"recipe.lr_stage2": -1e-3}, "recipe.lr_stage2 must be a finite number > 0"),  # stage 2 would ascend the loss
+    ({"recipe.lr": float("nan")}, "recipe.lr must be"),
+    ({"save_every": 0}, "save_every must be >= 1"),  # a modulo by zero after the first step
+    ({"log_every": 0}, "log_every must be >= 1"),
+    ({"micro_batch_size": -1}, "micro_batch_size must be >= 1"),  # range(negative): steps with no data at all
+    ({"recipe.warmup_steps": -5}, "warmup_steps must be >= 0"),
+    ({"recipe.weight_decay": -0.1}, "weight_decay must be"),
+    ({"recipe.min_lr_ratio": 2.0}, "min_lr_ratio"),
+    ({"model.seq_len": 1}, "seq_len must be >= 2"),
+])
+def test_values_that_cannot_train_are_refused_up_front(override, match):
+    with pytest.raises(BitLLMError, match=match):
+        preset_config("tiny", overrides=override)

@@ -4,6 +4,7 @@ and two gloo processes train together."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 import pytest
 import torch
 
+from bitllm.errors import BitLLMError
 from bitllm.formats.checkpoint import from_pretrained
 from bitllm.train import TrainingDivergedError, train
 from bitllm.train import trainer as trainer_mod
@@ -134,3 +136,35 @@ def test_two_gloo_processes_train_and_the_loss_falls(tmp_path):
     assert _falls(m["losses"]), m["losses"]
     assert m["train_tokens_seen"] == 30 * cfg.batch_size * cfg.model.seq_len
     assert time.time() - t0 < 240
+
+
+def test_fp16_loss_scaler_overflow_skips_the_step_instead_of_stopping(tmp_path, monkeypatch):
+    """Under fp16 mixed precision (a GPU) the GradScaler's first steps overflow by design; accelerate's
+    clip_grad_norm_ then returns inf. That is the scaler's routine, not divergence. Simulated here with a CPU
+    GradScaler started at 2**127."""
+    real, scalers = trainer_mod._accelerator, []
+
+    def with_scaler(cfg):
+        acc = real(cfg)
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+        scalers.append(acc.scaler)
+        return acc
+
+    monkeypatch.setattr(trainer_mod, "_accelerator", with_scaler)
+    r = train(tiny_config(tmp_path, "ternary", steps=3, save_every=3), progress=False)
+    assert len(r.losses) == 3 and all(map(math.isfinite, r.losses))
+    assert scalers[0].get_scale() < 2.0**127  # it did overflow, and skipped rather than raised
+
+
+def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path):
+    cfg = tiny_config(tmp_path, "ternary", steps=2, save_every=1)
+    train(cfg, progress=False)
+    ckpt = tmp_path / "run-ternary" / "checkpoint"
+    data = (ckpt / "optimizer.pt").read_bytes()
+    (ckpt / "optimizer.pt").write_bytes(data[: len(data) // 2])  # truncated, e.g. copied by hand
+    with pytest.raises(BitLLMError, match=r"optimizer\.pt: cannot resume.*missing or corrupt.*--overwrite"):
+        train(cfg, resume=True, progress=False)
+    (ckpt / "optimizer.pt").write_bytes(data)
+    (ckpt / "state.json").write_text("{}")
+    with pytest.raises(BitLLMError, match=r"state\.json: cannot resume"):
+        train(cfg, resume=True, progress=False)

@@ -111,6 +111,19 @@ def validate(cfg: ConvertConfig) -> None:
                           f"batch_size={cfg.batch_size}, seq_len={cfg.seq_len}, save_every={cfg.save_every}")
     if not 0.0 <= cfg.kd_alpha <= 1.0:
         raise BitLLMError(f"kd_alpha must be in [0, 1], got {cfg.kd_alpha}")
+    # checked here, not after minutes of loading the teacher; a negative kd_scale/kd_beta would ascend the loss and a
+    # negative micro-batch would train on nothing
+    if not (math.isfinite(cfg.peak_lr) and cfg.peak_lr > 0):
+        raise BitLLMError(f"lr must be a finite number > 0, got {cfg.peak_lr}")
+    for name in ("weight_decay", "grad_clip", "kd_scale", "kd_beta", "min_lr_ratio", "holdout_frac"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise BitLLMError(f"{name} must be a finite number >= 0, got {value}")
+    if cfg.min_lr_ratio > 1.0 or cfg.holdout_frac >= 1.0:
+        raise BitLLMError(f"min_lr_ratio must be <= 1 and holdout_frac < 1; got {cfg.min_lr_ratio}, {cfg.holdout_frac}")
+    if cfg.warmup < 0 or cfg.lambda_steps < 0 or (cfg.micro_batch_size is not None and cfg.micro_batch_size < 1):
+        raise BitLLMError(f"warmup_steps and lambda_warmup must be >= 0 and micro_batch_size >= 1; got "
+                          f"{cfg.warmup_steps}, {cfg.lambda_warmup}, {cfg.micro_batch_size}")
     if any(s.startswith("teacher:") for s in cfg.data):
         if len(cfg.data) != 1 or not cfg.data[0].split(":", 1)[1].isdigit() or int(cfg.data[0].split(":", 1)[1]) < 1:
             raise BitLLMError(f"teacher-generated data is written alone as 'teacher:N' with N >= 1, got {cfg.data}")

@@ -29,6 +29,7 @@ from bitllm.formats.atomic import atomic_write_bytes
 from bitllm.train.data import batch_indices, eval_windows
 from bitllm.train.trainer import (
     TrainingDivergedError,
+    check_grad_norm,
     heldout_perplexity,
     load_checkpoint,
     resume_advice,
@@ -157,6 +158,7 @@ def run_conversion(cfg: ConvertConfig, *, resume: bool = False, overwrite: bool 
     want_hidden = distill and cfg.kd_beta > 0
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not (main and progress), unit="step",
                desc=f"convert {cfg.method}", dynamic_ncols=True)
+    overflows = 0  # consecutive fp16 steps the loss scaler skipped
     try:
         for step in range(state["step"], cfg.steps):
             t_step = time.perf_counter()
@@ -190,9 +192,8 @@ def run_conversion(cfg: ConvertConfig, *, resume: bool = False, overwrite: bool 
                                             + resume_advice(state, ckpt_dir, FIX))
             if cfg.grad_clip > 0:
                 norm = accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-                if not math.isfinite(float(norm)):
-                    raise TrainingDivergedError(f"gradient norm is {float(norm)} at step {step + 1}; stopped before "
-                                                "the update. " + resume_advice(state, ckpt_dir, FIX))
+                overflows = check_grad_norm(norm, accelerator, overflows, step,
+                                            "stopped before the update. " + resume_advice(state, ckpt_dir, FIX))
             opt.step()
             opt.zero_grad(set_to_none=True)
             state["step"] = step + 1

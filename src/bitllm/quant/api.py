@@ -7,17 +7,19 @@ Works on any Hugging Face causal LM: `nn.Linear` and GPT-2's `Conv1D` (whose wei
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Callable
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from bitllm.errors import UnsupportedModelError
+from bitllm.errors import QuantizationError, UnsupportedModelError
 from bitllm.formats.packing import PackFormat
 from bitllm.nn.layers import BinaryLinear, BitLinear, OneBitLinear
 from bitllm.nn.packed import PackedLinear
 from bitllm.quant.config import (
+    DEFAULT_SKIP,
     BinaryConfig,
     OneBitConfig,
     QuantConfig,
@@ -116,14 +118,25 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
     handler = HANDLERS.get(type(config))
     if handler is None:
         raise TypeError(f"no quantize_ handler for {type(config).__name__}")
+    done = [name for name, m in model.named_modules() if isinstance(m, BITLLM_LAYERS)]
+    if done:  # a second call would mix schemes under one recorded config (and save them in the wrong format)
+        raise QuantizationError(
+            f"{type(model).__name__} is already quantized ({len(done)} bitllm layer(s), e.g. {done[0]!r}); "
+            "call quantize_ once per model, on its full-precision original"
+        )
+    names = [n for n, _ in model.named_modules()]
+    unused = [p for p in config.skip if p not in DEFAULT_SKIP and not any(matches(n, (p,)) for n in names)]
+    if unused:
+        warnings.warn(f"quantize_: skip pattern(s) {unused} match no module of {type(model).__name__}; "
+                      "every other linear layer is quantized", stacklevel=2)
     targets = quantizable_modules(model, config.skip)
     if not targets:
         raise UnsupportedModelError(
             f"{type(model).__name__}: found no nn.Linear or Conv1D layer to quantize outside {list(config.skip)}"
         )
+    for name, module in targets:  # check every weight before swapping any: an error leaves the model untouched
+        check_finite(_linear_weight(module)[0], f"{name}.weight")
     for name, module in targets:
-        w, _ = _linear_weight(module)
-        check_finite(w, f"{name}.weight")
         model.set_submodule(name, handler(module, config))
     model.bitllm_config = config
     return model

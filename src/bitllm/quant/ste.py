@@ -17,10 +17,12 @@ def ste_blend(x: torch.Tensor, quantizer: Callable[[torch.Tensor], torch.Tensor]
     """x + lam * (Q(x) - x), with the correction detached (identity gradient)."""
     if lam <= 0.0:
         return x
-    delta = quantizer(x) - x
-    if lam < 1.0:
-        delta = lam * delta
-    return x + delta.detach()
+    if lam >= 1.0:
+        # Q(x) + (x - x.detach()): forward is Q(x) bit for bit, which the paper's x + (Q(x) - x).detach() is not
+        # in bf16 (Q(x) - x rounds: a weight at 50·mean|W| landed 5 % off its ternary value, so training and the
+        # packed model would disagree)
+        return quantizer(x).detach() + (x - x.detach())
+    return x + (lam * (quantizer(x) - x)).detach()
 
 
 class SignSTE(torch.autograd.Function):

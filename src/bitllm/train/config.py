@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,27 @@ def validate(cfg: TrainConfig) -> None:
         raise BitLLMError(f"data.holdout_frac must be in [0, 1), got {cfg.data.holdout_frac}")
     if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         raise BitLLMError(f"mixed_precision {cfg.mixed_precision!r} is not auto | no | bf16 | fp16")
+    # each of these would crash mid-run (a modulo by 0), train on nothing (a negative micro-batch), or ascend the loss
+    at_least = {"model.hidden_size": (m.hidden_size, 1), "model.intermediate_size": (m.intermediate_size, 1),
+                "model.num_layers": (m.num_layers, 1), "model.num_heads": (m.num_heads, 1),
+                "model.seq_len": (m.seq_len, 2), "model.vocab_size": (m.vocab_size, 1),
+                "save_every": (cfg.save_every, 1), "log_every": (cfg.log_every, 1), "eval_every": (cfg.eval_every, 0),
+                "micro_batch_size": (1 if cfg.micro_batch_size is None else cfg.micro_batch_size, 1),
+                "recipe.warmup_steps": (r.warmup_steps, 0)}
+    for name, (value, low) in at_least.items():
+        if value < low:
+            raise BitLLMError(f"{name} must be >= {low}, got {value}")
+    positive = {"recipe.lr": r.lr, "recipe.lr_stage2": r.lr if r.lr_stage2 is None else r.lr_stage2,
+                "recipe.eps": r.eps}
+    for name, value in positive.items():
+        if not (math.isfinite(value) and value > 0):
+            raise BitLLMError(f"{name} must be a finite number > 0, got {value}")
+    for name, value in {"recipe.weight_decay": r.weight_decay, "recipe.weight_decay_stage2": r.weight_decay_stage2,
+                        "recipe.grad_clip": r.grad_clip}.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise BitLLMError(f"{name} must be a finite number >= 0, got {value}")
+    if not 0.0 <= r.min_lr_ratio <= 1.0:
+        raise BitLLMError(f"recipe.min_lr_ratio must be in [0, 1], got {r.min_lr_ratio}")
 
 
 # --- the recipe as pure functions of the step ------------------------------------------------------

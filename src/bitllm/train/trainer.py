@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
 import random
 import shutil
 import time
@@ -138,14 +139,33 @@ def start_fresh_run(out: Path, cfg, config_file: str, kind: str, outputs: tuple[
     atomic_write_bytes(out / config_file, cfg.to_json().encode())
 
 
+def _read_checkpoint(directory: Path) -> tuple[dict, dict, dict, dict]:
+    """(state, model, optimizer, rng) of a checkpoint directory; BitLLMError naming the file when one is missing,
+    truncated or corrupt (e.g. copied by hand or damaged on disk), instead of a raw zip or JSON error."""
+    parts = {}
+    for name in ("state.json", "model.pt", "optimizer.pt", "rng.pt"):
+        path = directory / name
+        try:
+            if name.endswith(".json"):
+                parts[name] = json.loads(path.read_text())
+                missing = {"step", "config", "python_random"} - set(parts[name])
+                if missing:
+                    raise KeyError(f"no {sorted(missing)}")
+            else:
+                parts[name] = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as e:
+            raise BitLLMError(f"{path}: cannot resume from this checkpoint, the file is missing or corrupt "
+                              f"({type(e).__name__}: {e}); start again with --overwrite or another output_dir") from e
+    return parts["state.json"], parts["model.pt"], parts["optimizer.pt"], parts["rng.pt"]
+
+
 def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig) -> dict:
-    state = json.loads((directory / "state.json").read_text())
+    state, model_sd, opt_sd, rng = _read_checkpoint(directory)
     if _comparable(state["config"]) != _comparable(cfg.to_dict()):
         raise BitLLMError(f"{directory}: the checkpoint was written by a different config; resume with the config in "
                           f"{directory / 'state.json'} or start a new output_dir")
-    model.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=True))
-    opt.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
-    rng = torch.load(directory / "rng.pt", weights_only=True)
+    model.load_state_dict(model_sd)
+    opt.load_state_dict(opt_sd)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -261,6 +281,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, co
     tokens_per_step = cfg.batch_size * cfg.model.seq_len
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not (main and progress), unit="step",
                desc=f"{cfg.quant} {params / 1e6:.1f}M", dynamic_ncols=True)
+    overflows = 0  # consecutive fp16 steps the loss scaler skipped
     try:
         for step in range(state["step"], cfg.steps):
             t0 = time.perf_counter()
@@ -283,9 +304,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, co
                                             + resume_advice(state, ckpt_dir))
             if cfg.recipe.grad_clip > 0:
                 norm = accelerator.clip_grad_norm_(model.parameters(), cfg.recipe.grad_clip)
-                if not math.isfinite(float(norm)):  # the loss was finite but the update would poison the weights
-                    raise TrainingDivergedError(f"gradient norm is {float(norm)} at step {step + 1}; training "
-                                                "stopped before the update. " + resume_advice(state, ckpt_dir))
+                overflows = check_grad_norm(norm, accelerator, overflows, step,
+                                            "training stopped before the update. " + resume_advice(state, ckpt_dir))
             opt.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
@@ -318,6 +338,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, co
         result = _result_from_metrics(out, params, state)
         result.is_main_process = False
     return result
+
+
+MAX_OVERFLOWS = 30  # consecutive steps an fp16 loss scaler may skip (its scale halves each time) before we give up
+
+
+def check_grad_norm(norm, accelerator, overflows: int, step: int, advice: str) -> int:
+    """The new count of consecutive overflowed steps after a gradient norm of `norm` at `step` (0-based).
+
+    A NaN/inf norm is divergence (the update would poison the weights): TrainingDivergedError, with `advice`. Under
+    fp16 mixed precision it is first the loss scaler's overflow, which is routine: its optimizer step skips the
+    update and lowers the scale, so only a long run of them means divergence."""
+    if math.isfinite(float(norm)):
+        return 0
+    if getattr(accelerator, "scaler", None) is not None and overflows < MAX_OVERFLOWS:
+        return overflows + 1
+    raise TrainingDivergedError(f"gradient norm is {float(norm)} at step {step + 1}; {advice}")
 
 
 def resume_advice(state: dict, ckpt_dir: Path, fix: str = "lower recipe.lr or raise recipe.warmup_steps") -> str:
