@@ -304,3 +304,17 @@ def test_cli_zero_shot_on_a_finished_conversion(teacher, tmp_path, monkeypatch):
     assert 0.0 <= z["teacher_avg"] <= 1.0 and 0.0 <= z["student_avg"] <= 1.0
     assert "Zero-shot accuracy" in (out / "report.md").read_text()
     assert (out / "zero_shot" / "teacher" / "eval.json").exists() and (out / "zero_shot" / "student" / "eval.json").exists()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_freeze_embeddings_freezes_the_embeddings_only(tied):
+    """--freeze-embeddings keeps the token embeddings (and a tied lm_head, the same tensor) frozen, as
+    documented; an untied lm_head keeps training."""
+    from bitllm.convert.run import freeze_embeddings
+    from bitllm.tiny import tiny_model
+
+    model = tiny_model("llama", tie_word_embeddings=tied)
+    freeze_embeddings(model)
+    assert not model.get_input_embeddings().weight.requires_grad
+    assert model.get_output_embeddings().weight.requires_grad == (not tied)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)

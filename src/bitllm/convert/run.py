@@ -74,6 +74,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def freeze_embeddings(student: nn.Module) -> None:
+    """Keep the token embeddings at the teacher's values: a tied lm_head (the same tensor) with them, an
+    untied one keeps training (it is the full-precision layer the student most needs to adapt)."""
+    student.get_input_embeddings().requires_grad_(False)
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (latent weights, embeddings); none on g, h, norms and biases."""
     decay, no_decay = [], []
@@ -138,8 +144,7 @@ def run_conversion(cfg: ConvertConfig, *, resume: bool = False, overwrite: bool 
     t0 = time.perf_counter()
     student = build_student(teacher, quant_config(cfg), init=not resuming)
     if cfg.freeze_embeddings:
-        student.get_input_embeddings().requires_grad_(False)
-        student.get_output_embeddings().requires_grad_(False)  # only matters when tied or frozen by choice
+        freeze_embeddings(student)
     init_s = time.perf_counter() - t0
     params = sum(p.numel() for p in student.parameters() if p.requires_grad)
     opt = torch.optim.AdamW(_param_groups(student, cfg.weight_decay), lr=cfg.peak_lr, betas=cfg.betas)
