@@ -132,6 +132,33 @@ def test_sliding_window_matches_direct_computation(fp_dir, context, stride):
     assert res.bytes == len(text.encode())
 
 
+def test_bits_per_byte_counts_the_scored_text(fp_dir):
+    """Bytes are the text's own, even where decoding the ids would not give the text back (special-token strings)."""
+    m = open_model(fp_dir, threads=1)
+    text = "In the beginning</s> was the word, and the word was with the model."
+    assert m.decode(m.encode(text)) != text
+    res = perplexity(m, text, progress=False)
+    assert res.bytes == len(text.encode())
+    short = perplexity(m, text, max_tokens=5, progress=False)  # truncated: the bytes of the 5 scored tokens
+    assert short.tokens == 5 and short.bytes == len(m.decode(m.encode(text)[:5]).encode())
+
+
+def test_engine_perplexity_matches_the_hf_reference_path_around_the_window(ternary_dir, monkeypatch):
+    """Native engine vs transformers + PackedLinear's PyTorch reference, on texts shorter than, equal to and just
+    longer than the window (context 16), disjoint and strided: the same windows, the same sums."""
+    nat = open_model(ternary_dir, threads=1)
+    ref = open_model(ternary_dir, threads=1, backend="hf")
+    assert (nat.kind, ref.kind) == ("bitllm-native", "bitllm-hf")
+    rng = np.random.default_rng(0)
+    seqs = [[1] + rng.integers(3, 200, size=n - 1).tolist() for n in (2, 15, 16, 17, 18, 40)]
+    got = [perplexity_of_ids(nat, ids, context=16, stride=st, progress=False) for ids in seqs for st in (16, 5)]
+    monkeypatch.setenv("BITLLM_KERNEL", "reference")
+    want = [perplexity_of_ids(ref, ids, context=16, stride=st, progress=False) for ids in seqs for st in (16, 5)]
+    for (a, na), (b, nb), n in zip(got, want, [len(i) for i in seqs for _ in (16, 5)]):
+        assert na == nb == n - 1
+        assert a == pytest.approx(b, rel=1e-5)
+
+
 def test_ppl_sources(tmp_path, fp_dir):
     from bitllm.eval.perplexity import evaluate_perplexity
 
@@ -220,6 +247,29 @@ def test_simple_evaluate_route_and_rolling(ternary_dir):
     assert lm_eval.simple_evaluate is not None
 
 
+def test_generate_until_leaves_room_for_max_gen_toks(ternary_dir):
+    """The context is left-truncated to max_length - max_gen_toks (lm-eval's aliases honoured); no room: an error."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from bitllm.eval.lm_adapter import BitLLMEval
+
+    lm = BitLLMEval(str(ternary_dir), threads=1, max_length=32)
+    ctx = "Shall I compare thee to a summer's day? " * 8
+    ids = lm.tok_encode(ctx)
+    assert len(ids) > 32
+
+    def gen(kw):
+        return lm.generate_until([Instance("generate_until", {}, (ctx, kw), 0)], disable_tqdm=True)[0]
+
+    want = lm.model.generate(ids[-30:], max_new_tokens=2)
+    assert gen({"until": [], "max_gen_toks": 2}) == want
+    assert gen({"until": [], "max_new_tokens": 2}) == want  # the alias lm-eval's normalize_gen_kwargs accepts
+    for n in (32, 40):
+        with pytest.raises(bitllm.BitLLMError, match="max_gen_toks"):
+            gen({"until": [], "max_gen_toks": n})
+
+
 # --- CLI and bench ---------------------------------------------------------------------------
 
 
@@ -268,6 +318,40 @@ def test_bench_reports_every_field(tmp_path, ternary_dir):
     assert ("ESTIMATE" in md) == rows["bitllm"]["energy"]["estimate"]
     paths = write_bench_report(res, tmp_path / "rep")
     assert paths["png"].stat().st_size > 0 and json.loads(paths["json"].read_text())["rows"]
+
+
+def test_bench_rejects_bad_input_before_measuring(tmp_path, ternary_dir):
+    from bitllm.eval.bench import BenchConfig, run_bench
+
+    def bench(model, baselines=(), fp_model=None, **cfg):
+        run_bench(str(model), list(baselines), fp_model=fp_model, cfg=BenchConfig(threads=1, **cfg),
+                  workdir=tmp_path, roofline_bytes=1 << 20, progress=lambda s: None)
+
+    with pytest.raises(bitllm.BitLLMError, match="no such"):
+        bench(tmp_path / "missing")
+    with pytest.raises(bitllm.BitLLMError, match="no such"):
+        bench(ternary_dir, ["fp"], fp_model=str(tmp_path / "missing-fp"))
+    with pytest.raises(bitllm.BitLLMError, match="--baseline fp"):
+        bench(ternary_dir, [], fp_model=str(ternary_dir))
+    with pytest.raises(bitllm.BitLLMError, match="gen_tokens >= 2"):
+        bench(ternary_dir, gen_tokens=1)  # no decode step to time
+
+
+def test_energy_meter_unwraps_rapl_and_labels_the_estimate(tmp_path, monkeypatch):
+    from bitllm.eval import bench
+
+    dom = tmp_path / "intel-rapl:0"
+    dom.mkdir()
+    (dom / "max_energy_range_uj").write_text("1000000000\n")
+    (dom / "energy_uj").write_text("999000000\n")
+    monkeypatch.setattr(bench, "_rapl_files", lambda: [dom / "energy_uj"])
+    with bench.EnergyMeter(4.0) as m:
+        (dom / "energy_uj").write_text("5000000\n")  # the counter wrapped: 1 J before the wrap + 5 J after
+    assert not m.method.startswith("ESTIMATE") and m.joules == pytest.approx(6.0)
+    monkeypatch.setattr(bench, "_rapl_files", lambda: [])  # a VM: no counters
+    with bench.EnergyMeter(4.0) as m:
+        sum(range(10**5))
+    assert m.method.startswith("ESTIMATE") and m.joules == pytest.approx(m.cpu_s * 4.0) and m.joules >= 0
 
 
 @pytest.mark.slow

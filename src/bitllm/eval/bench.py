@@ -79,15 +79,34 @@ def _rapl_files() -> list[Path]:
     return sorted(p / "energy_uj" for p in root.glob("intel-rapl:*") if p.name.count(":") == 1) if root.exists() else []
 
 
-def rapl_joules() -> float | None:
-    """Package energy counters summed, in joules; None when unreadable (VMs, no permission)."""
+def _rapl_read() -> list[tuple[int, int]] | None:
+    """(energy_uj, max_energy_range_uj or 0) per package domain; None when unreadable (VMs, no permission)."""
     files = _rapl_files()
     if not files:
         return None
     try:
-        return sum(int(f.read_text()) for f in files) / 1e6
+        out = []
+        for f in files:
+            rng = f.parent / "max_energy_range_uj"
+            out.append((int(f.read_text()), int(rng.read_text()) if rng.exists() else 0))
+        return out
     except (OSError, ValueError):
         return None
+
+
+def rapl_joules() -> float | None:
+    """Package energy counters summed, in joules; None when unreadable (VMs, no permission)."""
+    r = _rapl_read()
+    return None if r is None else sum(e for e, _ in r) / 1e6
+
+
+def rapl_delta_joules(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> float:
+    """Joules between two _rapl_read() readings; a counter that wrapped past its range is unwrapped."""
+    total = 0
+    for (e0, rng), (e1, _) in zip(before, after):
+        d = e1 - e0
+        total += d + rng if d < 0 and rng > 0 else d
+    return total / 1e6
 
 
 def cpu_seconds() -> float:
@@ -100,15 +119,18 @@ class EnergyMeter:
 
     def __init__(self, watts_per_core: float) -> None:
         self.watts = watts_per_core
-        self.rapl = rapl_joules() is not None
+        self.rapl = _rapl_read() is not None
 
     def __enter__(self):
-        self.j0, self.c0 = rapl_joules(), cpu_seconds()
+        self.r0, self.c0 = (_rapl_read() if self.rapl else None), cpu_seconds()
         return self
 
     def __exit__(self, *exc) -> None:
         self.cpu_s = cpu_seconds() - self.c0
-        self.joules = (rapl_joules() - self.j0) if self.rapl else self.cpu_s * self.watts
+        r1 = _rapl_read() if self.rapl else None
+        if self.r0 is None or r1 is None:  # never readable, or stopped being so: the labelled estimate
+            self.rapl = False
+        self.joules = rapl_delta_joules(self.r0, r1) if self.rapl else self.cpu_s * self.watts
 
     @property
     def method(self) -> str:
@@ -384,6 +406,18 @@ def run_bench(model: str, baselines: list[str] = (), *, fp_model: str | None = N
     bad = [b for b in baselines if b not in ("fp", "llama.cpp")]
     if bad:
         raise BitLLMError(f"unknown baseline(s) {bad}; expected fp and/or llama.cpp")
+    if fp_model and "fp" not in baselines:
+        raise BitLLMError("--fp-model is the model of the fp baseline: add --baseline fp")
+    for what, p in (("model", model), ("fp model", fp_model)):
+        if p and not Path(p).exists():
+            raise BitLLMError(f"{what} {p}: no such directory or file (bench measures local checkpoints)")
+    if cfg.reps < 1 or cfg.gen_tokens < 2 or cfg.prompt_tokens < 1 or cfg.batch_gen_tokens < 1 \
+            or cfg.batch_prompt_tokens < 1 or any(b < 1 for b in cfg.batch_sizes):
+        raise BitLLMError(f"bench needs reps >= 1, gen_tokens >= 2 (decode speed is timed after the first token), "
+                          f"prompt and batch lengths >= 1 and batch sizes >= 1; got reps={cfg.reps}, "
+                          f"gen_tokens={cfg.gen_tokens}, prompt_tokens={cfg.prompt_tokens}, "
+                          f"batch_sizes={cfg.batch_sizes}, batch_prompt_tokens={cfg.batch_prompt_tokens}, "
+                          f"batch_gen_tokens={cfg.batch_gen_tokens}")
     work = Path(workdir or tempfile.mkdtemp(prefix="bitllm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     res = BenchResult(machine(cfg.threads, roofline_bytes), asdict(cfg))

@@ -18,7 +18,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from bitllm.errors import BitLLMError
 from bitllm.eval.models import EvalModel, open_model
+
+GEN_TOKS_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 
 
 @register_model("bitllm")
@@ -107,8 +110,13 @@ class BitLLMEval(TemplateLM):
             eos_text = self.model.decode([self.eot_token_id]) if self.eot_token_id is not None else ""
             if eos_text and eos_text not in until:
                 until.append(eos_text)
-            max_gen = int(kw.get("max_gen_toks", 256))
-            ids = self.tok_encode(context)[-(self.max_length - max_gen):]
+            # lm-eval's aliases, in its priority order (normalize_gen_kwargs); 256 as `--model hf`
+            max_gen = next((int(kw[k]) for k in GEN_TOKS_KEYS if kw.get(k) is not None), 256)
+            max_ctx = self.max_length - max_gen  # left-truncate the context to leave room for the generation
+            if max_gen < 1 or max_ctx < 1:
+                raise BitLLMError(f"max_gen_toks={max_gen} must be in [1, {self.max_length - 1}]: the model's context "
+                                  f"is {self.max_length} tokens and the prompt needs at least one")
+            ids = self.tok_encode(context)[-max_ctx:]
             text = self.model.generate(ids, max_new_tokens=max_gen, stop=until)  # greedy (do_sample is ignored)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(text)

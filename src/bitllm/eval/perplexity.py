@@ -101,7 +101,8 @@ def perplexity(model, text: str, *, context: int | None = None, stride: int | No
     if max_tokens:
         text = text[: max_tokens * 12]  # no tokenizer makes fewer than 1 token per 12 characters of prose
     ids = model.encode(text)
-    if max_tokens:
+    truncated = bool(max_tokens) and len(ids) > max_tokens
+    if truncated:
         ids = ids[:max_tokens]
     prefix = model.prefix_token_id
     if prefix is None:
@@ -111,7 +112,8 @@ def perplexity(model, text: str, *, context: int | None = None, stride: int | No
     stride = min(stride or context, context)
     nll, n = perplexity_of_ids(model, [prefix] + ids, context=context, stride=stride, progress=progress,
                                desc=f"ppl {split}")
-    nbytes = len(model.decode(ids).encode("utf-8"))
+    # the scored text's bytes (as lm-eval counts them); decoding drops special-token strings found in the text
+    nbytes = len((model.decode(ids) if truncated else text).encode("utf-8"))
     return PerplexityResult(model.name, source, split, n, nll, math.exp(nll / n), nll / n / math.log(2), nbytes,
                             nll / math.log(2) / max(1, nbytes), context, stride, time.perf_counter() - t0)
 

@@ -32,7 +32,7 @@ def bench_markdown(res: dict) -> str:
     base = next((r for r in res["rows"] if r["label"] == res.get("baseline")), None)
     ratio = lambda r, key: (r[key]["median"] / base[key]["median"]) if base and "skipped" not in base else None  # noqa: E731
     bs_keys = [str(b) for b in res["config"]["batch_sizes"]]
-    headers = ["engine", "file MiB", "RSS after load MiB", "model RSS MiB (peak - before)", "peak RSS MiB", "prefill tok/s (med/min)",
+    headers = ["engine", "file MiB", "RSS growth at load MiB", "model RSS MiB (peak - before)", "peak RSS MiB", "prefill tok/s (med/min)",
                "decode tok/s (med/min)", "decode x base", "p50/p90/p99 ms", "% roofline",
                *[f"batch {b} tok/s" for b in bs_keys], "J/token"]
     rows = []

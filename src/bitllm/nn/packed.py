@@ -155,7 +155,9 @@ class PackedLinear(nn.Module):
     # -- computation --------------------------------------------------------------------------
 
     def int_weight(self) -> torch.Tensor:
-        """The unpacked int8 (out, in) weight matrix (cached; invalidated on load_state_dict)."""
+        """The unpacked int8 (out, in) weight matrix (cached; invalidated on load_state_dict and .to())."""
+        if torch.jit.is_tracing():  # traced from the buffer each time: a cache would differ between trace runs
+            return unpack(self.fmt, self.weight, (self.out_features, self.in_features))
         if self._int_weight is None:
             self._int_weight = unpack(self.fmt, self.weight, (self.out_features, self.in_features))
         return self._int_weight
@@ -165,15 +167,27 @@ class PackedLinear(nn.Module):
         self._kernel_weight = None
         return super()._load_from_state_dict(*args, **kwargs)
 
+    def _apply(self, *args, **kwargs):  # .to(), .half(), .cuda() change the buffers the caches were built from
+        self._int_weight = None
+        self._kernel_weight = None
+        return super()._apply(*args, **kwargs)
+
     @property
     def int8_activations(self) -> bool:
         return self.method in (Method.TERNARY, Method.BINARY)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernel_mode() != "reference":
+        # torch.jit.trace records torch ops only: the kernels write their output through a raw pointer,
+        # unseen, so a traced graph would return an uninitialised tensor. Trace the reference instead.
+        if kernel_mode() != "reference" and not torch.jit.is_tracing():
             from bitllm.nn import native
 
             if native.available():
+                if x.device.type != "cpu" or self.weight.device.type != "cpu":
+                    raise ValueError(
+                        f"PackedLinear: the native kernels run on the CPU, got input on {x.device} and weights on "
+                        f"{self.weight.device}; set BITLLM_KERNEL=reference for the PyTorch reference on other devices"
+                    )
                 return native.packed_forward(self, x)
         return self.forward_reference(x)
 
