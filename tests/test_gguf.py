@@ -142,10 +142,11 @@ def test_import_rejects_bad_files(tmp_path):
 
 # --- llama.cpp itself -------------------------------------------------------------------------------
 
-TOP1_GOAL = 0.99  # share of teacher-forced positions where llama.cpp's top-1 equals bitllm's
+CLEAR_GOAL = 0.9  # share of teacher-forced positions whose top-2 margin is clear of the difference
 # llama.cpp quantizes activations per 256-block (Q8_K), bitllm per token (absmax int8): the two
 # round differently, so logits differ by a few per cent of their spread, not bitwise.
 LOGIT_BUDGET = 0.05  # max |llama.cpp - bitllm| / (max - min of bitllm's logits), per position
+ENGINE_BUDGET = 0.01  # the same for bitllm's engine against its HF packed path (measured ~0.0015)
 
 
 def _trained_checkpoint(tmp_path, family, **kw):
@@ -173,6 +174,16 @@ def _trained_checkpoint(tmp_path, family, **kw):
     return tmp_path / "trained", tok, text
 
 
+def _assert_same_clear_top1(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Same top-1 wherever `ref`'s top-2 margin exceeds twice the position's max |ours - ref| (a trained tiny
+    model has near-ties, which either side may break), and most positions are that clear."""
+    diff = (ours - ref).abs().amax(-1)  # (T,)
+    top2 = ref.topk(2, -1).values  # (T, 2)
+    clear = top2[:, 0] - top2[:, 1] > 2 * diff
+    assert clear.float().mean() >= CLEAR_GOAL, clear.float().mean()
+    assert torch.equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
 @pytest.mark.parametrize("family,kw", [("llama", {}), ("bitnet", {"hidden_act": "silu"})])
 def test_llama_cpp_runs_the_export_and_agrees(tmp_path, family, kw):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make setup`")
@@ -187,8 +198,12 @@ def test_llama_cpp_runs_the_export_and_agrees(tmp_path, family, kw):
     slot = engine.backend.open(len(ids))
     ours = torch.from_numpy(engine.backend.forward([slot], [ids], all_logits=True))  # (64, vocab), native engine
     engine.backend.close(slot)
-    assert torch.equal(ours.argmax(-1), reference.argmax(-1))
     spread = (ours.amax(-1) - ours.amin(-1)).clamp(min=1e-6)
+    # engine vs HF packed path: the same quantization, so only fp32 order and int8 rounding ties differ;
+    # the top-1 must agree wherever the reference's top-2 margin is clear of that difference (a trained
+    # tiny model can have near-ties, which either side may break)
+    assert ((ours - reference).abs().amax(-1) / spread).max() <= ENGINE_BUDGET
+    _assert_same_clear_top1(ours, reference)
     for qtype in ("tq2_0", "tq1_0"):
         f = export_gguf(ck, tmp_path / f"m-{qtype}.gguf", qtype, embed_type="f32")
         llm = llama_cpp.Llama(model_path=str(f), n_ctx=64, n_threads=2, n_threads_batch=2, logits_all=True,
@@ -199,8 +214,8 @@ def test_llama_cpp_runs_the_export_and_agrees(tmp_path, family, kw):
         agree = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
         err = ((theirs - ours).abs().amax(-1) / spread).max().item()
         print(f"llama.cpp {family} {qtype}: top-1 agreement {agree:.3f}, max logit error {err:.4f} of the spread")
-        assert agree >= TOP1_GOAL, qtype
         assert err <= LOGIT_BUDGET, qtype
+        _assert_same_clear_top1(theirs, ours)
 
 
 # --- import: unusual-but-valid and corrupt files -------------------------------------------------------
