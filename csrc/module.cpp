@@ -38,9 +38,18 @@ static void need(bool ok, const std::string& what) {
 }
 
 // Shape checks shared by the matmul bindings: packed (N, K) weights, wscale/bias (N,), out (M, N).
+// Matrix dims the size helpers accept: non-negative and small enough that packed_bytes() cannot
+// overflow (2^32 rows of 2^32 columns is far beyond any layer).
+static void need_dims(const std::string& fn, int64_t N, int64_t K) {
+    const int64_t kMax = int64_t(1) << 32;
+    need(N >= 0 && K >= 0 && N <= kMax && K <= kMax,
+         fn + ": N and K must lie in 0.." + std::to_string(kMax) + ", got N=" + std::to_string(N) + ", K=" + std::to_string(K));
+}
+
 static void need_linear_shapes(const char* fn, Format fm, int64_t packed_len, int64_t N, int64_t K, int64_t M,
                                int64_t wscale_len, const int64_t* bias_len, int64_t out_rows, int64_t out_cols) {
     const std::string f = fn;
+    need_dims(f, N, K);
     need(packed_len == packed_bytes(fm, N, K), f + ": packed has the wrong size");
     need(wscale_len == N, f + ": wscale must be (N,)");
     need(!bias_len || *bias_len == N, f + ": bias must be (N,)");
@@ -71,9 +80,12 @@ NB_MODULE(_core, m) {
 
     // ---- layout facts ----
     m.def("block_weights", [](const std::string& f) { return block_weights(fmt_of(f)); }, nb::arg("fmt"));
-    m.def("padded_k", [](const std::string& f, int64_t K) { return padded_k(fmt_of(f), K); }, nb::arg("fmt"), nb::arg("K"));
-    m.def("row_bytes", [](const std::string& f, int64_t K) { return row_bytes(fmt_of(f), K); }, nb::arg("fmt"), nb::arg("K"));
-    m.def("packed_bytes", [](const std::string& f, int64_t N, int64_t K) { return packed_bytes(fmt_of(f), N, K); },
+    m.def("padded_k", [](const std::string& f, int64_t K) { need_dims("padded_k", 0, K); return padded_k(fmt_of(f), K); }, nb::arg("fmt"), nb::arg("K"));
+    m.def("row_bytes", [](const std::string& f, int64_t K) { need_dims("row_bytes", 0, K); return row_bytes(fmt_of(f), K); }, nb::arg("fmt"), nb::arg("K"));
+    m.def("packed_bytes", [](const std::string& f, int64_t N, int64_t K) {
+        need_dims("packed_bytes", N, K);
+        return packed_bytes(fmt_of(f), N, K);
+    },
           nb::arg("fmt"), nb::arg("N"), nb::arg("K"));
 
     // ---- packing ----
@@ -84,6 +96,10 @@ NB_MODULE(_core, m) {
         const Format fm = fmt_of(f);
         const int64_t N = (int64_t)w.shape(0), K = (int64_t)w.shape(1);
         need((int64_t)out.shape(0) == packed_bytes(fm, N, K), "pack: out has the wrong size");
+        const int64_t bad = find_invalid_weight(fm, w.data(), N * K);
+        if (bad >= 0)
+            throw std::invalid_argument("pack: weight " + std::to_string((int)w.data()[bad]) + " at flat index " +
+                                        std::to_string(bad) + " is outside the " + f + " alphabet");
         nb::gil_scoped_release g;
         pack(fm, w.data(), N, K, out.data());
     }, nb::arg("fmt"), nb::arg("w").noconvert(), nb::arg("out").noconvert());

@@ -68,7 +68,9 @@ NB_MODULE(_engine, m) {
             static_assert(sizeof(int) == sizeof(int32_t), "int is 32-bit");
             nb::gil_scoped_release g;
             e.forward((const int*)ids.data(), n, tokens.data(), offsets.data(), all_logits, out.data());
-        }, nb::arg("ids"), nb::arg("tokens"), nb::arg("offsets"), nb::arg("all_logits"), nb::arg("out"))
+        }, nb::arg("ids").noconvert(), nb::arg("tokens").noconvert(), nb::arg("offsets").noconvert(),
+           nb::arg("all_logits"), nb::arg("out").noconvert())  // noconvert: a converted copy of `out` would
+                                                                // swallow the logits; of tokens, wrap ids
         .def_prop_ro("vocab", [](const Engine& e) { return e.config().vocab; })
         .def_prop_ro("max_pos", [](const Engine& e) { return e.config().max_pos; })
         .def("weight_bytes", &Engine::weight_bytes)

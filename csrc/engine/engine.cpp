@@ -86,11 +86,14 @@ static int64_t get_int(const Config& c, const std::string& k) {
 static float get_float(const Config& c, const std::string& k, float dflt) {
     auto it = c.find(k);
     if (it == c.end()) return dflt;
+    float r = 0.f;
     try {
-        return std::stof(it->second);
+        r = std::stof(it->second);
     } catch (const std::exception&) {
         throw EngineError("engine config: '" + k + "' = '" + it->second + "' is not a number");
     }
+    if (!std::isfinite(r)) throw EngineError("engine config: '" + k + "' = '" + it->second + "' is not finite");
+    return r;
 }
 static std::string get_str(const Config& c, const std::string& k, const std::string& dflt) {
     auto it = c.find(k);
@@ -121,6 +124,17 @@ ModelConfig ModelConfig::parse(const Config& c) {
     if (m.vocab <= 0 || m.hidden <= 0 || m.layers <= 0 || m.heads <= 0 || m.kv_heads <= 0 || m.head_dim <= 0 ||
         m.ffn <= 0 || m.max_pos <= 0)
         throw EngineError("engine config: every dimension must be positive");
+    // Upper bounds far above any real model, so that a corrupt config fails here instead of in an
+    // allocation (layers, RoPE table) or an overflowing product (heads * head_dim, vocab * hidden).
+    const struct { const char* name; int64_t v, max; } lim[] = {
+        {"vocab", m.vocab, INT32_MAX},  {"hidden", m.hidden, 1 << 20},     {"layers", m.layers, 1 << 12},
+        {"heads", m.heads, 1 << 14},    {"kv_heads", m.kv_heads, 1 << 14}, {"head_dim", m.head_dim, 1 << 14},
+        {"ffn", m.ffn, 1 << 22},        {"max_pos", m.max_pos, INT32_MAX},
+    };
+    for (const auto& d : lim)
+        if (d.v > d.max)
+            throw EngineError("engine config: " + std::string(d.name) + " = " + std::to_string(d.v) +
+                              " is larger than the engine supports (" + std::to_string(d.max) + ")");
     if (m.heads % m.kv_heads) throw EngineError("engine config: heads must be a multiple of kv_heads");
     if (m.rotary_dim < 0 || m.rotary_dim > m.head_dim || m.rotary_dim % 2)
         throw EngineError("engine config: rotary_dim must be even and <= head_dim");
@@ -589,9 +603,14 @@ int Engine::add_sequence(int64_t capacity) {
     if (capacity <= 0 || capacity > cfg_.max_pos)
         throw EngineError("sequence capacity " + std::to_string(capacity) + " is outside 1.." +
                           std::to_string(cfg_.max_pos) + " (the model's context)");
+    // (layers, kv_heads, capacity, head_dim) values per cache; checked so a huge capacity cannot wrap
+    int64_t n64 = 0;
+    if (__builtin_mul_overflow(cfg_.layers * cfg_.kv_heads * cfg_.head_dim, capacity, &n64) ||
+        n64 > (INT64_MAX / 8))
+        throw EngineError("sequence capacity " + std::to_string(capacity) + ": the KV cache would not fit in memory");
     auto s = std::make_unique<Sequence>();
     s->cap = capacity;
-    const size_t n = (size_t)(cfg_.layers * capacity * cfg_.kv_heads * cfg_.head_dim);
+    const size_t n = (size_t)n64;
     if (cfg_.kv_f16) {
         s->k16.allocate(n);
         s->v16.allocate(n);

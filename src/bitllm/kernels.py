@@ -195,6 +195,8 @@ def pack(fmt: KernelFormat | str, w: torch.Tensor | np.ndarray) -> PackedWeight:
 
 def unpack(packed: PackedWeight) -> torch.Tensor:
     """The int8 (N, K) matrix back from a PackedWeight (exact inverse of :func:`pack`)."""
+    if not isinstance(packed, PackedWeight):
+        raise ValueError(f"packed: expected a PackedWeight from bitllm.kernels.pack, got {type(packed).__name__}")
     out = torch.empty(packed.N, packed.K, dtype=torch.int8)
     _core.unpack(packed.fmt.value, packed.data, out)
     return out
