@@ -292,6 +292,29 @@ def test_cli_eval_local_tasks_end_to_end(tmp_path, ternary_dir, task_dir):
     assert (out / "eval.md").exists() and (out / "ppl_vs_bits.png").stat().st_size > 0
 
 
+def test_lm_eval_model_type_hf_resolves_after_bitllm_registers():
+    """`bitllm eval --model-type hf` / run_lm_eval(model_type="hf"): importing bitllm.eval registers
+    "bitllm", which stops lm-eval from filling its model registry lazily; lm-eval's own "hf" must still
+    resolve (a fresh process, so no other test has filled the registry)."""
+    pytest.importorskip("lm_eval")
+    import subprocess
+    import sys
+
+    code = (
+        "import lm_eval, bitllm.eval\n"
+        "from bitllm.eval.harness import run_lm_eval\n"
+        "from lm_eval.api.registry import get_model\n"
+        "def fake(model, **kw):\n"
+        "    get_model(model)  # raises if 'hf' is not registered\n"
+        "    raise SystemExit(0)\n"
+        "lm_eval.simple_evaluate = fake\n"
+        "run_lm_eval('m', ['local_lambada_id'], model_type='hf')\n"
+        "raise SystemExit(3)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 def test_bench_reports_every_field(tmp_path, ternary_dir):
     from bitllm.eval.bench import BenchConfig, run_bench
     from bitllm.eval.report import bench_markdown, write_bench_report

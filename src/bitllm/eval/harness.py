@@ -36,6 +36,11 @@ def run_lm_eval(model: str, tasks: list[str], *, model_type: str = "bitllm", mod
     import bitllm.eval  # noqa: F401  (registers "bitllm")
     from bitllm.eval.tasks import build_local_tasks, default_task_dir
 
+    if model_type != "bitllm":
+        # lm-eval fills its model registry lazily only while it is empty, and importing bitllm.eval
+        # registered "bitllm" first: import lm-eval's own models (hf, ...) so that the name resolves
+        import lm_eval.models  # noqa: F401
+
     paths = [str(include_path)] if include_path else []
     if any(_is_local(t) for t in tasks) and not include_path:
         d = default_task_dir()
