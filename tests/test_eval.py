@@ -400,3 +400,6 @@ def test_gguf_through_llama_cpp_scores_like_the_engine(tmp_path):
         m.close()
     assert set(ppl) == {"bitllm-native", "llama.cpp"}
     assert ppl["llama.cpp"] == pytest.approx(ppl["bitllm-native"], rel=2e-2)
+    m = open_model(g, threads=1)  # no max_length: the file's own context, as for the engine
+    assert m.max_length == 128
+    m.close()

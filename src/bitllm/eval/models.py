@@ -189,13 +189,25 @@ def _open_gguf(path: Path, *, backend: str, threads: int | None, max_length: int
     return _from_llm(str(path), "gguf-hf", llm, path.stat().st_size)
 
 
+def _gguf_context(path: Path) -> int | None:
+    """{arch}.context_length of a GGUF file, or None when it does not say."""
+    import gguf
+
+    from bitllm.formats.gguf_io import _field
+
+    reader = gguf.GGUFReader(str(path))
+    ctx = _field(reader, f"{_field(reader, 'general.architecture')}.context_length")
+    return int(ctx) if isinstance(ctx, int) and ctx > 0 else None
+
+
 def _open_llama_cpp(llama_cpp, path: Path, threads: int | None, max_length: int | None,
                     tokenizer: str | None) -> EvalModel:
     from bitllm.engine.llm import set_threads
 
     n = set_threads(threads)
     # BENCH.md: explicit thread counts (the default is cpu_count()//2) and flash attention (llama-bench's default)
-    lcpp = llama_cpp.Llama(model_path=str(path), n_ctx=max_length or 2048, n_threads=n, n_threads_batch=n,
+    ctx = max_length or _gguf_context(path) or 2048  # default: the file's own context, as docs/eval.md says
+    lcpp = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_threads=n, n_threads_batch=n,
                            flash_attn=True, logits_all=True, verbose=False)
     tok = None
     if tokenizer:
@@ -203,5 +215,6 @@ def _open_llama_cpp(llama_cpp, path: Path, threads: int | None, max_length: int 
 
         tok = AutoTokenizer.from_pretrained(tokenizer)
     bos, eos = lcpp.token_bos(), lcpp.token_eos()
-    return EvalModel(str(path), "llama.cpp", tok, lcpp.n_ctx(), bos if bos >= 0 else None, eos if eos >= 0 else None,
+    # llama.cpp pads n_ctx up to a multiple of 256: score within the context asked for, not the padding
+    return EvalModel(str(path), "llama.cpp", tok, min(ctx, lcpp.n_ctx()), bos if bos >= 0 else None, eos if eos >= 0 else None,
                      path.stat().st_size, info={"backend": "llama.cpp"}, lcpp=lcpp)
