@@ -154,9 +154,6 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
         body.unsupported()
         prompt = body.single_prompt()
         ids = llm.encode(prompt)
-        bad = next((t for t in ids if not 0 <= t < llm.backend.vocab), None)
-        if bad is not None:  # here, not in the engine thread: a stream has not answered 200 yet
-            raise P.ApiError(400, f"token id {bad} is outside the vocabulary (0..{llm.backend.vocab - 1})", param="prompt")
         return await _answer(request, body, ids, body.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -190,6 +187,10 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
                                      seed=body.seed, stop=tuple(body.stop or ()) + extra_stop, top_k=body.top_k,
                                      repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos)
         engine: EngineLoop = app.state.engine
+        try:  # the engine's own checks (token ids, stops), here: a stream has not answered 200 yet
+            engine.batch.check(ids, params)
+        except BitLLMError as e:
+            raise P.ApiError(400, str(e), param="messages" if chat else "prompt") from None
         try:
             req = engine.submit(ids, params)
         except QueueFull as e:
