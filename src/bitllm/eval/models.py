@@ -189,26 +189,16 @@ def _open_gguf(path: Path, *, backend: str, threads: int | None, max_length: int
     return _from_llm(str(path), "gguf-hf", llm, path.stat().st_size)
 
 
-def _gguf_context(path: Path) -> int | None:
-    """{arch}.context_length of a GGUF file, or None when it does not say."""
-    import gguf
-
-    from bitllm.formats.gguf_io import _field
-
-    reader = gguf.GGUFReader(str(path))
-    ctx = _field(reader, f"{_field(reader, 'general.architecture')}.context_length")
-    return int(ctx) if isinstance(ctx, int) and ctx > 0 else None
-
-
 def _open_llama_cpp(llama_cpp, path: Path, threads: int | None, max_length: int | None,
                     tokenizer: str | None) -> EvalModel:
     from bitllm.engine.llm import set_threads
 
     n = set_threads(threads)
     # BENCH.md: explicit thread counts (the default is cpu_count()//2) and flash attention (llama-bench's default)
-    ctx = max_length or _gguf_context(path) or 2048  # default: the file's own context, as docs/eval.md says
-    lcpp = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_threads=n, n_threads_batch=n,
+    # n_ctx 0: llama.cpp takes the file's own context ({arch}.context_length), the default docs/eval.md promises
+    lcpp = llama_cpp.Llama(model_path=str(path), n_ctx=max_length or 0, n_threads=n, n_threads_batch=n,
                            flash_attn=True, logits_all=True, verbose=False)
+    ctx = lcpp.context_params.n_ctx  # the context asked for, or the file's
     tok = None
     if tokenizer:
         from transformers import AutoTokenizer

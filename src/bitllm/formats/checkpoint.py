@@ -386,7 +386,7 @@ def from_pretrained(
         targets = list(qc.get("modules") or [])
         load_layer = lambda n, m: _load_bitllm_layer(reader, n, m, method, fmt)  # noqa: E731
     elif qm == "bitnet":
-        for key, allowed in (("linear_class", ("bitlinear", "autobitlinear")), ("quantization_mode", ("offline", "online"))):
+        for key, allowed in (("linear_class", LINEAR_CLASSES), ("quantization_mode", ("offline", "online"))):
             if qc.get(key, allowed[0]) not in allowed:  # the scale convention depends on it: never guess
                 raise FormatError(f"{cfg_path}: quantization_config {key} {qc[key]!r} is not one of {allowed}")
         targets = _bitnet_targets(model, qc)
