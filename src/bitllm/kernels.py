@@ -182,14 +182,17 @@ def pack(fmt: KernelFormat | str, w: torch.Tensor | np.ndarray) -> PackedWeight:
     N, K = w.shape
     if N < 1 or K < 1:
         raise FormatError(f"pack: expected a non-empty (N, K) matrix, got shape {tuple(w.shape)}")
-    bad = _core.find_invalid_weight(f.value, w)
-    if bad >= 0:
+    out = torch.empty(_core.packed_bytes(f.value, N, K), dtype=torch.uint8)
+    try:
+        _core.pack(f.value, w, out)  # the binding checks the alphabet (one pass over w)
+    except ValueError:
+        bad = _core.find_invalid_weight(f.value, w)  # on the error path only: where, as (row, column)
+        if bad < 0:
+            raise
         n, k = divmod(bad, K)
         raise FormatError(
             f"pack({f.value}): weight [{n}, {k}] = {int(w[n, k])} is outside the alphabet {_ALPHABET[f]}"
-        )
-    out = torch.empty(_core.packed_bytes(f.value, N, K), dtype=torch.uint8)
-    _core.pack(f.value, w, out)
+        ) from None
     return PackedWeight(f, int(N), int(K), out)
 
 
