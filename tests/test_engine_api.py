@@ -240,6 +240,65 @@ def test_loglikelihood_text_boundary_as_lm_eval(text_model, llm):
     assert lp == want
 
 
+def test_logprobs_are_the_reference_models(text_model, llm):
+    """logprobs / prompt_logprobs: each position's token and top-n alternatives under the model's own
+    distribution (log-softmax of the HF reference path's logits), generated tokens and prompt alike."""
+    prompt = [1, 5, 9, 13, 21, 40]
+    out = llm.generate(prompt, max_new_tokens=6, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    assert len(out.logprobs) == len(out.token_ids) == 6 and len(out.prompt_logprobs) == len(prompt)
+    assert out.prompt_logprobs[0] is None
+    ref = from_pretrained(text_model)
+    with kernel_mode("reference"), torch.inference_mode():
+        logp = torch.log_softmax(ref(torch.tensor([prompt + out.token_ids])).logits[0].double(), -1)
+    seq = prompt + out.token_ids
+    records = out.prompt_logprobs[1:] + out.logprobs  # record k is position k + 1, predicted by row k
+    for k, rec in enumerate(records):
+        assert rec.token == seq[k + 1]
+        assert rec.logprob == pytest.approx(float(logp[k, seq[k + 1]]), abs=1e-3)
+        n = 2 if k + 1 < len(prompt) else 3
+        assert len(rec.top) == n and [lp for _, lp in rec.top] == sorted((lp for _, lp in rec.top), reverse=True)
+        want = torch.topk(logp[k], n).values.tolist()
+        assert [lp for _, lp in rec.top] == pytest.approx(want, abs=1e-3)
+        assert all(lp == pytest.approx(float(logp[k, t]), abs=1e-3) for t, lp in rec.top)
+    # greedy: each generated token is its position's most likely one
+    assert all(rec.token == rec.top[0][0] or rec.logprob == pytest.approx(rec.top[0][1]) for rec in out.logprobs)
+    assert llm.generate(prompt, max_new_tokens=2).logprobs is None  # not asked for: not recorded
+
+
+def test_prompt_logprobs_in_chunks_and_scoring_only(llm, monkeypatch):
+    """A long prompt that records log-probabilities is fed in chunks (steps with no token); the
+    records and the continuation do not depend on the chunking. max_new_tokens=0 scores the prompt
+    only (echo + logprobs in the server), the same as loglikelihood."""
+    import bitllm.engine.batch as batch_mod
+
+    prompt = [1] + list(range(60, 80))
+    whole = llm.generate(prompt, max_new_tokens=3, ignore_eos=True, logprobs=0, prompt_logprobs=1)
+    monkeypatch.setattr(batch_mod, "PROMPT_LOGPROBS_CHUNK", 6)
+    b = llm.batch()
+    sid = b.add(prompt, SamplingParams(max_new_tokens=3, ignore_eos=True, logprobs=0, prompt_logprobs=1))
+    tokens = []
+    while b.live:
+        tokens += [ev.token for ev in b.step()]
+    assert tokens[:3] == [None] * 3 and tokens[3:] == whole.token_ids  # 21 prompt tokens: 4 chunks of <= 6
+    seq = b.seqs[sid]
+    assert [r and r.token for r in seq.prompt_logprobs] == [r and r.token for r in whole.prompt_logprobs]
+    assert [r.logprob for r in seq.prompt_logprobs[1:]] == pytest.approx([r.logprob for r in whole.prompt_logprobs[1:]], abs=1e-4)
+    assert [r.top[0][0] for r in seq.prompt_logprobs[1:]] == [r.top[0][0] for r in whole.prompt_logprobs[1:]]
+    assert [r.logprob for r in seq.logprobs] == pytest.approx([r.logprob for r in whole.logprobs], abs=1e-4)
+    assert all(r.top == [] for r in seq.logprobs)  # logprobs=0: the token's own only
+    scored = llm.generate(prompt, max_new_tokens=0, prompt_logprobs=0)
+    assert scored.token_ids == [] and scored.finish_reason == "length" and len(scored.prompt_logprobs) == len(prompt)
+    (lp, _), = llm.loglikelihood([(prompt[:5], prompt[5:])])
+    assert sum(r.logprob for r in scored.prompt_logprobs[5:]) == pytest.approx(lp, abs=1e-4)
+    assert llm.backend.engine.num_sequences() == 0
+
+
+@pytest.mark.parametrize("field, value", [("logprobs", -1), ("prompt_logprobs", True), ("logprobs", 1.5)])
+def test_logprobs_settings_are_checked(field, value):
+    with pytest.raises(BitLLMError, match=field):
+        SamplingParams(**{field: value})
+
+
 # --- fallback ------------------------------------------------------------------------------------
 
 

@@ -233,7 +233,8 @@ def engine_results(tmp_path_factory):
         i32 = lambda *v: np.array(v, np.int32)
         i64 = lambda *v: np.array(v, np.int64)
         out = lambda rows=1, dt=np.float32: np.zeros((rows, V), dt)
-        fw = lambda ids, toks, offs, o=None, all_logits=False: e.forward(ids, toks, offs, all_logits, out() if o is None else o)
+        def fw(ids, toks, offs, o=None, last=None):  # last: the next-token row of each sequence unless given
+            return e.forward(ids, toks, offs, i64(*[1] * len(ids)) if last is None else last, out() if o is None else o)
         big = dict(json.loads(sys.argv[2]), layers="4096", heads="16384", kv_heads="16384", head_dim="16384",
                    max_pos=str(2**31 - 1))
         r = {
@@ -251,7 +252,11 @@ def engine_results(tmp_path_factory):
             "tokens_int64": probe(lambda: fw(i32(s), i64(2**32 + 1), i64(0, 1))),
             "same_slot_twice": probe(lambda: fw(i32(s, s), i32(1, 2), i64(0, 1, 2), out(2))),
             "capacity_overflow": probe(lambda: fw(i32(s), i32(1, 2, 3, 4, 5), i64(0, 5))),
-            "zero_sequences": probe(lambda: e.forward(i32(), i32(), i64(0), False, out(0)) or "done"),
+            "zero_sequences": probe(lambda: e.forward(i32(), i32(), i64(0), i64(), out(0)) or "done"),
+            "last_zero": probe(lambda: fw(i32(s), i32(1, 2), i64(0, 2), out(0), i64(0))),
+            "last_past_tokens": probe(lambda: fw(i32(s), i32(1, 2), i64(0, 2), out(2), i64(3))),
+            "last_wrong_length": probe(lambda: fw(i32(s), i32(1), i64(0, 1), out(1), i64(1, 1))),
+            "last_out_mismatch": probe(lambda: fw(i32(s), i32(1, 2), i64(0, 2), out(1), i64(2))),
             "add_capacity_zero": probe(lambda: e.add_sequence(0)),
             "add_capacity_past_context": probe(lambda: e.add_sequence(2**62)),
             "truncate_past_length": probe(lambda: e.truncate_sequence(s, 3)),
@@ -271,7 +276,11 @@ ENGINE_ERRORS = {
     "offsets_wrong_length": ("EngineError", "n+1 entries"),
     "offsets_last_not_len": ("EngineError", "from 0 to len(tokens)"),
     "offsets_not_increasing": ("EngineError", "must increase"),
-    "out_wrong_shape": ("EngineError", "(rows, vocab)"),
+    "out_wrong_shape": ("EngineError", "(sum(last), vocab)"),
+    "last_zero": ("EngineError", "logits of its last 0 tokens asked for, it has 2"),
+    "last_past_tokens": ("EngineError", "logits of its last 3 tokens asked for, it has 2"),
+    "last_wrong_length": ("EngineError", "one entry per sequence"),
+    "last_out_mismatch": ("EngineError", "(sum(last), vocab)"),
     # no silent conversion: a converted copy of `out` would swallow the logits, of tokens wrap ids
     "out_float64": ("TypeError", "incompatible function arguments"),
     "out_not_contiguous": ("TypeError", "incompatible function arguments"),

@@ -1,5 +1,7 @@
 // bitllm._engine: the binding layer of the native engine. No math: it checks arguments, releases
 // the GIL and forwards to engine.h. (A module of its own so that the kernel module stays small.)
+#include <algorithm>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>
@@ -54,7 +56,8 @@ NB_MODULE(_engine, m) {
         .def("truncate_sequence", &Engine::truncate_sequence, nb::arg("id"), nb::arg("length"))
         .def("num_sequences", &Engine::num_sequences)
         .def("forward", [](Engine& e, Arr<const int32_t, nb::ndim<1>> ids, Arr<const int32_t, nb::ndim<1>> tokens,
-                           Arr<const int64_t, nb::ndim<1>> offsets, bool all_logits, Arr<float, nb::ndim<2>> out) {
+                           Arr<const int64_t, nb::ndim<1>> offsets, Arr<const int64_t, nb::ndim<1>> last,
+                           Arr<float, nb::ndim<2>> out) {
             const int n = (int)ids.shape(0);
             if ((int64_t)offsets.shape(0) != n + 1) throw engine::EngineError("forward: offsets must have n+1 entries");
             const int64_t M = offsets.data()[n];
@@ -62,15 +65,17 @@ NB_MODULE(_engine, m) {
                 throw engine::EngineError("forward: offsets must run from 0 to len(tokens)");
             for (int i = 0; i < n; ++i)
                 if (offsets.data()[i + 1] <= offsets.data()[i]) throw engine::EngineError("forward: offsets must increase");
-            const int64_t rows = all_logits ? M : n;
+            if ((int64_t)last.shape(0) != n) throw engine::EngineError("forward: last must have one entry per sequence");
+            int64_t rows = 0;  // Engine::forward checks 1 <= last[i] <= the sequence's tokens
+            for (int i = 0; i < n; ++i) rows += std::min(std::max<int64_t>(last.data()[i], 0), M);
             if ((int64_t)out.shape(0) != rows || (int64_t)out.shape(1) != e.config().vocab)
-                throw engine::EngineError("forward: logits buffer must be (rows, vocab)");
+                throw engine::EngineError("forward: logits buffer must be (sum(last), vocab)");
             static_assert(sizeof(int) == sizeof(int32_t), "int is 32-bit");
             nb::gil_scoped_release g;
-            e.forward((const int*)ids.data(), n, tokens.data(), offsets.data(), all_logits, out.data());
+            e.forward((const int*)ids.data(), n, tokens.data(), offsets.data(), last.data(), out.data());
         }, nb::arg("ids").noconvert(), nb::arg("tokens").noconvert(), nb::arg("offsets").noconvert(),
-           nb::arg("all_logits"), nb::arg("out").noconvert())  // noconvert: a converted copy of `out` would
-                                                                // swallow the logits; of tokens, wrap ids
+           nb::arg("last").noconvert(), nb::arg("out").noconvert())  // noconvert: a converted copy of `out`
+                                                                      // would swallow the logits; of tokens, wrap ids
         .def_prop_ro("vocab", [](const Engine& e) { return e.config().vocab; })
         .def_prop_ro("max_pos", [](const Engine& e) { return e.config().max_pos; })
         .def("weight_bytes", &Engine::weight_bytes)

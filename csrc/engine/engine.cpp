@@ -862,7 +862,7 @@ void Engine::head(const float* x, const int64_t* rows, int64_t nr, float* logits
 // Forward pass
 // ============================================================================================
 
-void Engine::forward(const int* ids, int n, const int32_t* tokens, const int64_t* offsets, bool all_logits,
+void Engine::forward(const int* ids, int n, const int32_t* tokens, const int64_t* offsets, const int64_t* last,
                      float* logits) {
     if (!finalized_) throw EngineError("forward before finalize()");
     if (n <= 0) return;
@@ -875,6 +875,9 @@ void Engine::forward(const int* ids, int n, const int32_t* tokens, const int64_t
             if (ids[j] == ids[i]) throw EngineError("sequence " + std::to_string(ids[i]) + " appears twice in one step");
         const int64_t add = offsets[i + 1] - offsets[i];
         if (add <= 0) throw EngineError("every sequence in a step needs at least one token");
+        if (last && (last[i] < 1 || last[i] > add))
+            throw EngineError("sequence " + std::to_string(ids[i]) + ": logits of its last " + std::to_string(last[i]) +
+                              " tokens asked for, it has " + std::to_string(add) + " in this step");
         if (s.len + add > s.cap)
             throw EngineError("sequence " + std::to_string(ids[i]) + " would hold " + std::to_string(s.len + add) +
                               " positions, its cache holds " + std::to_string(s.cap));
@@ -991,11 +994,9 @@ void Engine::forward(const int* ids, int n, const int32_t* tokens, const int64_t
     for (int i = 0; i < n; ++i) seqs_[(size_t)ids[i]]->len += offsets[i + 1] - offsets[i];
 
     // ---- final norm + head ----
-    std::vector<int64_t> rows;
-    if (all_logits)
-        for (int64_t r = 0; r < M; ++r) rows.push_back(r);
-    else
-        for (int i = 0; i < n; ++i) rows.push_back(offsets[i + 1] - 1);
+    std::vector<int64_t> rows;  // the rows whose logits were asked for, sequence by sequence
+    for (int i = 0; i < n; ++i)
+        for (int64_t r = offsets[i + 1] - (last ? last[i] : 1); r < offsets[i + 1]; ++r) rows.push_back(r);
     const int64_t nr = (int64_t)rows.size();
     std::vector<float> xn((size_t)(nr * H));  // (nr, H)
     std::vector<float> xs((size_t)(nr * H));

@@ -9,7 +9,7 @@
 //   e.finalize();                     // checks that nothing is missing, builds the LM head
 // Running it:
 //   int s = e.add_sequence(capacity); // a KV-cache slot of `capacity` positions
-//   e.forward(ids, n, tokens, offsets, all_logits, logits);  // one batched step (prefill and/or decode)
+//   e.forward(ids, n, tokens, offsets, last, logits);  // one batched step (prefill and/or decode)
 //   e.remove_sequence(s);
 #pragma once
 
@@ -136,9 +136,11 @@ public:
     int num_sequences() const;
 
     // One step over n sequences: sequence ids[i] consumes tokens[offsets[i] .. offsets[i+1]).
-    // logits: (n, vocab) for the last token of each sequence, or (offsets[n], vocab) for every token
-    // when all_logits. Throws EngineError on a full cache, bad token ids or non-finite logits.
-    void forward(const int* ids, int n, const int32_t* tokens, const int64_t* offsets, bool all_logits,
+    // logits: (Σ last[i], vocab), the rows of the last last[i] tokens of each sequence in order
+    // (1 <= last[i] <= its token count; last = nullptr: 1 each, the next-token logits of a step).
+    // The LM head runs on those rows only. Throws EngineError on a full cache, bad token ids, a bad
+    // `last` or non-finite logits.
+    void forward(const int* ids, int n, const int32_t* tokens, const int64_t* offsets, const int64_t* last,
                  float* logits);
 
     // Bytes held by weights (packed linears + embeddings + head + norms) and by KV caches.

@@ -117,7 +117,7 @@ int main(int argc, char** argv) {
         std::vector<int32_t> step = prompt;
         for (size_t t = 0; t < want.size(); ++t) {
             const int64_t off[2] = {0, (int64_t)step.size()};
-            eng->forward(&s, 1, step.data(), off, false, logits.data());
+            eng->forward(&s, 1, step.data(), off, nullptr, logits.data());
             int32_t best = 0;
             for (int64_t v = 1; v < V; ++v)
                 if (logits[v] > logits[best]) best = (int32_t)v;

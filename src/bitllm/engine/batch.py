@@ -13,8 +13,12 @@ from typing import Protocol, Sequence as Seq
 
 import numpy as np
 
-from bitllm.engine.sampling import SamplingParams, sample
+from bitllm.engine.sampling import SamplingParams, TokenLogprob, sample, token_logprobs
 from bitllm.errors import BitLLMError
+
+# Prompt tokens fed per step to a sequence that records its prompt's log-probabilities: every fed
+# token then needs its logits row (vocab floats), so a long prompt goes in chunks of this many.
+PROMPT_LOGPROBS_CHUNK = 256
 
 
 class Backend(Protocol):
@@ -41,12 +45,15 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     rng: np.random.Generator | None = None
     emitted: int = 0  # characters of text already handed out by Batch.text_delta
+    fed: int = 0  # prompt tokens already through a forward
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token (params.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per prompt token; the first: None
 
 
 @dataclass
 class StepEvent:
     seq_id: int
-    token: int | None
+    token: int | None  # None: a step that only fed part of a long prompt (no token yet)
     finished: bool
     finish_reason: str | None
 
@@ -72,9 +79,9 @@ class Batch:
         seq = Sequence(self._next, prompt, params, rng=np.random.default_rng(params.seed))
         self._next += 1
         self.seqs[seq.id] = seq
-        if params.max_new_tokens == 0:
+        if params.max_new_tokens == 0 and params.prompt_logprobs is None:
             seq.finished, seq.finish_reason = True, "length"
-            return seq.id
+            return seq.id  # (with prompt_logprobs the prompt is still scored: a forward, no token)
         capacity = min(self.backend.max_context, len(prompt) + params.max_new_tokens - 1)
         seq.slot = self.backend.open(max(capacity, len(prompt)))
         self.open_slots += 1
@@ -122,17 +129,41 @@ class Batch:
     # -- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[StepEvent]:
-        """One forward over every live sequence; sample one token for each. Returns what happened."""
+        """One forward over every live sequence; sample one token for each (a sequence that records
+        its prompt's log-probabilities gets its prompt in chunks first). Returns what happened."""
         live = self.live
         if not live:
             return []
-        prefill = sum(len(s.pending) for s in live if not s.generated)
+        # a scoring prefill feeds a chunk and wants a logits row per fed token; the rest want one row
+        scoring = [s.params.prompt_logprobs is not None and s.fed < len(s.prompt) for s in live]
+        feeds = [s.pending[:PROMPT_LOGPROBS_CHUNK] if sc else s.pending for s, sc in zip(live, scoring)]
+        rows = [len(f) if sc else 1 for f, sc in zip(feeds, scoring)]
+        prefill = sum(len(f) for s, f in zip(live, feeds) if s.fed < len(s.prompt))
         t0 = time.perf_counter()
-        logits = self.backend.forward([s.slot for s in live], [s.pending for s in live])  # (n, vocab)
+        slots = [s.slot for s in live]
+        logits = (self.backend.forward(slots, feeds, all_logits=True, last=rows) if any(scoring)
+                  else self.backend.forward(slots, feeds))  # (Σ rows, vocab)
         events = []
-        for seq, row in zip(live, logits):
+        at = 0
+        for seq, feed, sc, n in zip(live, feeds, scoring, rows):
+            block, at = logits[at: at + n], at + n
+            if seq.fed < len(seq.prompt):
+                seq.fed += len(feed)
+                seq.pending = seq.pending[len(feed):]
+            if sc:
+                self._record_prompt_logprobs(seq, block)
+                if seq.pending:  # more of the prompt to feed: no token this step
+                    events.append(StepEvent(seq.id, None, False, None))
+                    continue
+                if seq.params.max_new_tokens == 0:  # scoring only
+                    self._finish(seq, "length")
+                    events.append(StepEvent(seq.id, None, True, seq.finish_reason))
+                    continue
+            row = block[-1]
             seen = np.asarray(seq.prompt + seq.generated, dtype=np.int64) if seq.params.repetition_penalty != 1.0 else np.empty(0, np.int64)
             tok = sample(row, seq.params, seen, seq.rng)
+            if seq.params.logprobs is not None:
+                seq.logprobs += token_logprobs(row[None], [tok], seq.params.logprobs)
             seq.generated.append(tok)
             seq.pending = [tok]
             reason = self._stop_reason(seq, tok)
@@ -147,6 +178,16 @@ class Batch:
             self.stats["decode_tokens"] += len(live)
             self.stats["decode_s"] += dt
         return events
+
+    @staticmethod
+    def _record_prompt_logprobs(seq: Sequence, block: np.ndarray) -> None:
+        """`block` holds the logits rows of the prompt tokens just fed; row j predicts the token after
+        the j-th of them (the last row of the last chunk predicts the first generated token)."""
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)  # nothing predicts the first prompt token
+        start = len(seq.prompt_logprobs)  # the prompt position the first row predicts
+        targets = seq.prompt[start: start + len(block)]
+        seq.prompt_logprobs += token_logprobs(block[: len(targets)], targets, seq.params.prompt_logprobs)
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from bitllm.engine.batch import Batch
-from bitllm.engine.sampling import SamplingParams
+from bitllm.engine.sampling import SamplingParams, TokenLogprob, log_normalizer
 from bitllm.errors import BitLLMError, UnsupportedModelError
 
 Prompt = str | Seq[int]
@@ -59,14 +59,17 @@ class NativeBackend:
         offsets = np.zeros(len(lens) + 1, dtype=np.int64)
         np.cumsum(lens, out=offsets[1:])
         flat = np.fromiter((x for t in tokens for x in t), dtype=np.int32, count=int(offsets[-1]))
-        out = np.empty((int(offsets[-1]) if all_logits else len(lens), self.vocab), dtype=np.float32)
+        if not all_logits:
+            last = [1] * len(lens)
+        elif last is None:
+            last = lens
+        rows = np.asarray(last, dtype=np.int64)
+        out = np.empty((int(np.clip(rows, 0, None).sum()), self.vocab), dtype=np.float32)
         try:
-            with self._lock:
-                self.engine.forward(np.asarray(slots, dtype=np.int32), flat, offsets, all_logits, out)
+            with self._lock:  # the engine runs its LM head on the asked-for rows only
+                self.engine.forward(np.asarray(slots, dtype=np.int32), flat, offsets, rows, out)
         except _engine.EngineError as e:
             raise BitLLMError(str(e)) from None
-        if last is not None and all_logits:  # the engine's head runs over every row; keep the asked ones
-            out = np.concatenate([out[offsets[i + 1] - n: offsets[i + 1]] for i, n in enumerate(last)])
         return out
 
 
@@ -120,19 +123,25 @@ class HFBackend:
 
 
 class Completion(str):
-    """The generated text (a str), with `.token_ids`, `.finish_reason` and `.prompt_tokens`."""
+    """The generated text (a str), with `.token_ids`, `.finish_reason` and `.prompt_tokens`, and the
+    log-probabilities asked for (`logprobs=n`: `.logprobs`, one TokenLogprob per generated token;
+    `prompt_logprobs=n`: `.prompt_logprobs`, one per prompt token, None for the first)."""
 
     token_ids: list[int]
     finish_reason: str | None
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None
+    prompt_logprobs: list[TokenLogprob | None] | None
 
-    def __new__(cls, text: str, token_ids: list[int], finish_reason: str | None, prompt_tokens: int):
+    def __new__(cls, text: str, token_ids: list[int], finish_reason: str | None, prompt_tokens: int,
+                logprobs: list[TokenLogprob] | None = None, prompt_logprobs: list[TokenLogprob | None] | None = None):
         obj = super().__new__(cls, text)
         obj.token_ids, obj.finish_reason, obj.prompt_tokens = token_ids, finish_reason, prompt_tokens
+        obj.logprobs, obj.prompt_logprobs = logprobs, prompt_logprobs
         return obj
 
     def __getnewargs__(self):  # pickle and copy rebuild it through __new__
-        return str(self), self.token_ids, self.finish_reason, self.prompt_tokens
+        return str(self), self.token_ids, self.finish_reason, self.prompt_tokens, self.logprobs, self.prompt_logprobs
 
 
 def _eos_ids(directory: Path | None, config) -> tuple[int, ...]:
@@ -280,8 +289,10 @@ class LLM:
             for seq in b.live:
                 b.cancel(seq.id)
         self.last_stats = dict(b.stats)
-        out = [Completion(b.text(b.seqs[i]), list(b.seqs[i].generated), b.seqs[i].finish_reason, len(b.seqs[i].prompt))
-               for i in ids]
+        out = [Completion(b.text(s), list(s.generated), s.finish_reason, len(s.prompt),
+                          s.logprobs if params.logprobs is not None else None,
+                          s.prompt_logprobs if params.prompt_logprobs is not None else None)
+               for s in (b.seqs[i] for i in ids)]
         return out[0] if single else out
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -298,11 +309,14 @@ class LLM:
     def _stream(self, b: Batch, ids: list[int], params: SamplingParams) -> Iterator[str | int]:
         sid = b.add(ids, params)  # here, not in stream(): a generator never started must hold no slot
         seq = b.seqs[sid]
+        given = 0  # token ids yielded (without a tokenizer)
         try:
             while not seq.finished:
                 b.step()
                 if self.tokenizer is None:
-                    yield seq.generated[-1]
+                    if len(seq.generated) > given:  # a step that fed part of a long prompt yields nothing
+                        given += 1
+                        yield seq.generated[-1]
                     continue
                 piece = b.text_delta(sid)  # holds back partial UTF-8 and possible stop strings
                 if piece:
@@ -405,10 +419,8 @@ class LLM:
             for k, (toks, n_ctx) in enumerate(chunk):
                 lg = logits[row: row + last[k] - 1].astype(np.float64)  # predicts toks[n_ctx:]
                 target = np.asarray(toks[n_ctx:])
-                m = lg.max(axis=1, keepdims=True)
-                logp = lg - m - np.log(np.exp(lg - m).sum(axis=1, keepdims=True))
-                results[i + k] = (float(logp[np.arange(len(target)), target].sum()),
-                                  bool((lg.argmax(axis=1) == target).all()))
+                logp = lg[np.arange(len(target)), target] - log_normalizer(lg)
+                results[i + k] = (float(logp.sum()), bool((lg.argmax(axis=1) == target).all()))
                 row += last[k]
             i = j
         return results

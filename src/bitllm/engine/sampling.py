@@ -22,6 +22,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # log-probabilities to record (the model's own: log-softmax of its logits, before the repetition
+    # penalty, temperature and top-k/top-p): of each generated token, and of each prompt token after
+    # the first, with the n most likely alternatives (0: none); None: do not record
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -43,6 +48,44 @@ class SamplingParams:
             raise BitLLMError(f"top_k must be >= 0, got {self.top_k}")
         if not self.repetition_penalty > 0:
             raise BitLLMError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0):
+                raise BitLLMError(f"{name} must be None or a number of alternatives >= 0, got {n!r}")
+
+
+@dataclass
+class TokenLogprob:
+    """One position's record: the token there, its log-probability, and the `top` most likely
+    tokens with theirs (most likely first)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def log_normalizer(logits: np.ndarray) -> np.ndarray:
+    """log Σ exp(logits) over the last axis, in float64: logits - this = log-softmax."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+def token_logprobs(rows: np.ndarray, tokens, top_n: int) -> list[TokenLogprob]:
+    """For each row of logits (r, vocab) and the token that followed it: its log-probability and the
+    `top_n` most likely tokens' (most likely first)."""
+    x = np.asarray(rows, dtype=np.float64)
+    lse = log_normalizer(x)
+    top_n = min(int(top_n), x.shape[-1])
+    out = []
+    for i, t in enumerate(tokens):
+        top: list[tuple[int, float]] = []
+        if top_n:
+            cand = np.argpartition(-x[i], top_n - 1)[:top_n]
+            cand = cand[np.lexsort((cand, -x[i, cand]))]
+            top = [(int(j), float(x[i, j] - lse[i])) for j in cand]
+        out.append(TokenLogprob(int(t), float(x[i, int(t)] - lse[i]), top))
+    return out
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
