@@ -147,6 +147,115 @@ def test_sampling_seed_is_reproducible(client):
     assert a == client.completions.create(seed=7, **kw).choices[0].text
 
 
+# --- log-probabilities, echo, tokenizer routes (lm-eval's local-completions) ----------------------
+
+
+def _records(llm, ids, n, **kw):
+    """The engine's own records for a greedy completion of `ids`."""
+    out = llm.generate(ids, temperature=0.0, logprobs=n, **kw)
+    return out, out.logprobs
+
+
+def test_completion_logprobs_are_the_engines(llm, client):
+    ids = llm.encode("the quick")
+    want, records = _records(llm, ids, 3, max_new_tokens=6)
+    r = client.completions.create(model="tiny", prompt="the quick", max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == want and len(lp.tokens) == len(records) == r.usage.completion_tokens
+    assert lp.token_logprobs == pytest.approx([rec.logprob for rec in records], abs=1e-9)
+    for top, rec in zip(lp.top_logprobs, records):
+        assert 1 <= len(top) <= 3 and set(top.values()) <= {lp for _, lp in rec.top}  # two tokens may share a text
+        assert max(top.values()) == pytest.approx(rec.logprob)  # greedy: the chosen token is the most likely
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+def test_echo_scores_the_prompt_like_loglikelihood(llm, server):
+    """lm-eval's local-completions request: token-id prompt, echo, logprobs 1, max_tokens 1; the
+    prompt positions [ctx:-1] are the continuation's log-probabilities, as LLM.loglikelihood has them."""
+    ctx, cont = llm.encode("the quick"), llm.encode(" brown fox", add_special_tokens=False)
+    body = {"model": "tiny", "prompt": [ctx + cont], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True,
+            "seed": 1234}
+    choice = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ctx + cont) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    (want, greedy), = llm.loglikelihood([(ctx, cont)])
+    assert sum(lp["token_logprobs"][len(ctx):-1]) == pytest.approx(want, abs=1e-4)
+    assert greedy == all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][len(ctx):-1],
+                                                                    lp["top_logprobs"][len(ctx):-1]))
+    assert choice["text"].startswith(llm.decode(ctx + cont))
+    # max_tokens 0: the prompt alone (no token generated), and echo without logprobs is just the text
+    scored = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 0}).json()
+    assert scored["usage"]["completion_tokens"] == 0 and len(scored["choices"][0]["logprobs"]["tokens"]) == len(ctx + cont)
+    assert scored["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(lp["token_logprobs"][1:-1], abs=1e-6)
+    plain = httpx.post(server.url + "/v1/completions", json={"prompt": "the quick", "echo": True, "max_tokens": 0}).json()
+    assert plain["choices"][0]["text"] == "the quick" and plain["choices"][0]["logprobs"] is None
+
+
+def test_chat_logprobs_and_streamed_logprobs(llm, client):
+    messages = [{"role": "user", "content": "hello"}]
+    want, records = _records(llm, llm.chat_ids(messages), 2, max_new_tokens=5)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([rec.logprob for rec in records], abs=1e-9)
+    assert all(len(c.top_logprobs) == 2 and c.bytes == list(c.token.encode()) for c in content)
+    assert [t.logprob for c in content for t in c.top_logprobs] == pytest.approx(
+        [lp for rec in records for _, lp in rec.top], abs=1e-9)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0,
+                                                 logprobs=True, top_logprobs=2, stream=True))
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [c.logprob for c in streamed] == [c.logprob for c in content]
+    assert [c.token for c in streamed] == [c.token for c in content]
+    # a completion stream with echo: the prompt (with its log-probabilities) is the first chunk
+    chunks = list(client.completions.create(model="tiny", prompt="the quick", max_tokens=3, temperature=0, logprobs=1,
+                                            echo=True, stream=True))
+    first = chunks[0].choices[0]
+    assert first.text == "the quick" and first.logprobs.token_logprobs[0] is None
+    assert len(first.logprobs.tokens) == len(llm.encode("the quick"))
+
+
+def test_logprobs_bad_input(server):
+    url, user = server.url, [{"role": "user", "content": "x"}]
+    for extra in ({"logprobs": 21}, {"logprobs": -1}, {"logprobs": True}, {"logprobs": "2"}):
+        assert error_of(httpx.post(url + "/v1/completions", json={"prompt": "x", **extra}), 400)["param"] == "logprobs"
+    err = error_of(httpx.post(url + "/v1/chat/completions", json={"messages": user, "top_logprobs": 2}), 400)
+    assert err["param"] == "top_logprobs"
+    assert error_of(httpx.post(url + "/v1/chat/completions", json={"messages": user, "logprobs": True,
+                                                                   "top_logprobs": 50}), 400)["param"] == "top_logprobs"
+    assert error_of(httpx.post(url + "/detokenize", json={"tokens": [1, 10**6]}), 400)["param"] == "tokens"
+    assert error_of(httpx.post(url + "/tokenize", json={}), 400)["param"] == "prompt"
+    assert error_of(httpx.post(url + "/tokenize", json={"prompt": "x", "messages": user}), 400)["param"] == "prompt"
+
+
+def test_tokenizer_routes(llm, server):
+    url = server.url
+    r = httpx.post(url + "/tokenize", json={"prompt": "the quick fox", "add_special_tokens": False}).json()
+    assert r["tokens"] == llm.encode("the quick fox", add_special_tokens=False) and r["count"] == len(r["tokens"])
+    chat = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == llm.chat_ids([{"role": "user", "content": "hi"}])
+    assert httpx.post(url + "/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "the quick fox"}
+    info = httpx.get(url + "/tokenizer_info").json()
+    assert info["eos_token"] == llm.tokenizer.eos_token and info["chat_template"] == llm.tokenizer.chat_template
+
+
+def test_lm_eval_local_completions_scores_like_the_engine(llm, server):
+    """lm-eval's own API model against the server, its tokenizer fetched from the server's /tokenize
+    routes (auto-detected): log-likelihoods and greedy flags as bitllm's LLM.loglikelihood gives."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model="tiny", max_retries=1)
+    assert lm.tokenizer_backend == "remote"
+    pairs = [("the quick", " brown fox"), ("a bit of", " text"), ("models", " and bytes")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                           disable_tqdm=True)
+    want = llm.loglikelihood([(llm.encode(c, add_special_tokens=False), llm.encode(x, add_special_tokens=False))
+                              for c, x in pairs])
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
+    assert [g for _, g in got] == [g for _, g in want]
+
+
 # --- safety ---------------------------------------------------------------------------------------
 
 
@@ -154,7 +263,8 @@ def test_api_key(llm):
     with Server(llm, ServeConfig(model_name="tiny", api_key=KEY)) as s:
         assert httpx.get(s.url + "/health").status_code == 200
         for method, path in [("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/completions"),
-                             ("POST", "/v1/chat/completions")]:
+                             ("POST", "/v1/chat/completions"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+                             ("GET", "/tokenizer_info")]:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
                 r = httpx.request(method, s.url + path, headers=headers, json={"prompt": "x"})
                 assert r.status_code == 401, (path, headers)

@@ -3,10 +3,11 @@
     app = create_app(bitllm.LLM("model-dir"), ServeConfig(api_key="..."))
 
 Routes: GET / (chat page), GET /health, GET /metrics, GET /v1/models, GET /v1/models/{id},
-POST /v1/completions, POST /v1/chat/completions. Tokenizing, chat templates, sampling, stop strings
-and incremental detokenization are the engine's (`LLM.encode`, `LLM.chat_ids`,
-`Batch.add/step/text_delta`); this module only parses requests, checks limits and shapes the
-answers. User guide: docs/serve.md.
+POST /v1/completions, POST /v1/chat/completions, and vLLM's tokenizer routes POST /tokenize, POST
+/detokenize, GET /tokenizer_info (lm-eval's remote tokenizer). Tokenizing, chat templates,
+sampling, stop strings, log-probabilities and incremental detokenization are the engine's
+(`LLM.encode`, `LLM.chat_ids`, `Batch.add/step/text_delta`, `bitllm.engine.detok`); this module only
+parses requests, checks limits and shapes the answers. User guide: docs/serve.md.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from bitllm.engine.detok import token_strings, visible_lengths
 from bitllm.errors import BitLLMError
 from bitllm.serve import protocol as P
 from bitllm.serve.scheduler import EngineLoop, Metrics, QueueFull
@@ -149,12 +151,40 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
                              param="model", code="model_not_found")
         return model_card
 
+    @app.post("/tokenize")
+    async def tokenize(body: P.TokenizeRequest) -> dict[str, Any]:
+        body.check()
+        if body.messages is not None:
+            try:
+                ids = llm.chat_ids([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                                    for m in body.messages])
+            except TemplateError as e:
+                raise P.ApiError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
+        else:
+            ids = llm.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": context, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: P.DetokenizeRequest) -> dict[str, str]:
+        bad = [t for t in body.tokens if not 0 <= t < llm.backend.vocab]
+        if bad:
+            raise P.ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{llm.backend.vocab - 1})",
+                             param="tokens")
+        return {"prompt": llm.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        tok = llm.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "model_max_length": context,
+                **{k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template")}}
+
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request):
         body.unsupported()
         prompt = body.single_prompt()
         ids = llm.encode(prompt)
-        return await _answer(request, body, ids, body.max_tokens, chat=False)
+        echo = (prompt if isinstance(prompt, str) else llm.decode(ids)) if body.echo else None
+        return await _answer(request, body, ids, body.max_tokens, chat=False, echo=echo, logprobs=body.logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat(body: P.ChatRequest, request: Request):
@@ -169,10 +199,12 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
             limit, param = body.max_completion_tokens, "max_completion_tokens"
         else:
             limit, param = body.max_tokens, "max_tokens"
-        return await _answer(request, body, ids, limit, chat=True, param=param, extra_stop=turn_end)
+        return await _answer(request, body, ids, limit, chat=True, param=param, extra_stop=turn_end,
+                             logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
     async def _answer(request: Request, body: P._Sampling, ids: list[int], max_tokens: int | None, chat: bool,
-                      param: str = "max_tokens", extra_stop: tuple[str, ...] = ()):
+                      param: str = "max_tokens", extra_stop: tuple[str, ...] = (), echo: str | None = None,
+                      logprobs: int | None = None):
         if len(ids) > max_prompt:
             raise P.ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at most {max_prompt}",
                              param="messages" if chat else "prompt", code="context_length_exceeded")
@@ -185,7 +217,8 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
         params = llm.sampling_params(max_new_tokens=max_tokens, temperature=0.0 if greedy else body.temperature,
                                      top_p=1.0 if greedy else body.top_p,
                                      seed=body.seed, stop=tuple(body.stop or ()) + extra_stop, top_k=body.top_k,
-                                     repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos)
+                                     repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,
+                                     logprobs=logprobs, prompt_logprobs=logprobs if echo is not None else None)
         engine: EngineLoop = app.state.engine
         try:  # the engine's own checks (token ids, stops), here: a stream has not answered 200 yet
             engine.batch.check(ids, params)
@@ -198,17 +231,60 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
                              headers={"Retry-After": str(e.retry_after)}) from None
         id_ = P.new_id("chatcmpl" if chat else "cmpl")
         model = cfg.model_name  # the model that answered, whatever name the client asked for (as OpenAI does)
+        lp = _Logprobs(llm.tokenizer, chat, ids, echo) if logprobs is not None else None
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventSourceResponse(_stream(engine, req, id_, model, chat, usage), sep="\n", ping=15)
-        return await _collect(request, engine, req, id_, model, chat)
+            return EventSourceResponse(_stream(engine, req, id_, model, chat, usage, echo, lp), sep="\n", ping=15)
+        return await _collect(request, engine, req, id_, model, chat, echo, lp)
 
     return app
 
 
-async def _collect(request: Request, engine: EngineLoop, req, id_: str, model: str, chat: bool) -> JSONResponse:
+class _Logprobs:
+    """One request's log-probability records in OpenAI's shapes: token texts in context
+    (`bitllm.engine.detok`), offsets into the answer's text (which starts with the echoed prompt)."""
+
+    def __init__(self, tokenizer, chat: bool, prompt_ids: list[int], echo: str | None) -> None:
+        self.tok, self.chat, self.prompt_ids = tokenizer, chat, prompt_ids
+        self.start = len(echo) if echo is not None else 0  # where the completion's text begins
+        self.ids: list[int] = []  # generated tokens so far: the context of the next pieces
+        self.width = 0  # characters of completion text the pieces so far cover
+
+    def _positions(self, ids: list[int], start: int, records: list, at: int) -> list[tuple]:
+        alts = [[t for t, _ in r.top] if r is not None else [] for r in records]
+        pieces, alt_pieces = token_strings(self.tok, ids, start, alts)
+        out = []
+        for piece, rec, alt, n in zip(pieces, records, alt_pieces, visible_lengths(self.tok, ids[start:], pieces)):
+            out.append((piece, rec, alt, at))
+            at += n
+        return out
+
+    def prompt(self, records: list) -> list[tuple]:
+        return self._positions(self.prompt_ids, 0, records, 0)
+
+    def generated(self, records: list) -> list[tuple]:
+        start = len(self.ids)
+        self.ids += [r.token for r in records]
+        out = self._positions(self.ids, start, records, self.start + self.width)
+        self.width += sum(visible_lengths(self.tok, self.ids[start:], [p for p, *_ in out]))
+        return out
+
+    def trim(self, positions: list[tuple], text_len: int) -> list[tuple]:
+        """Without the tokens a stop string cut from the text (they start at or past its end)."""
+        if self.width <= text_len:
+            return positions
+        return [p for p in positions if p[3] < self.start + text_len]
+
+    def shape(self, positions: list[tuple]) -> dict:
+        return P.chat_logprobs(positions) if self.chat else P.completion_logprobs(positions)
+
+
+async def _collect(request: Request, engine: EngineLoop, req, id_: str, model: str, chat: bool,
+                   echo: str | None = None, lp: _Logprobs | None = None) -> JSONResponse:
     """Wait for the whole answer; cancel the sequence if the client goes away meanwhile."""
     parts: list[str] = []
+    prompt_positions: list[tuple] = []
+    positions: list[tuple] = []
     done = False
     check = time.monotonic() + 0.25
     try:
@@ -223,40 +299,57 @@ async def _collect(request: Request, engine: EngineLoop, req, id_: str, model: s
                     return JSONResponse(P.error_body("client disconnected", "invalid_request_error"), status_code=499)
             if ev is None:
                 continue
+            if ev.kind == "prompt":
+                prompt_positions = lp.prompt(ev.logprobs)
+                continue
             if ev.kind == "text":
                 parts.append(ev.text)
+                if lp is not None:
+                    positions += lp.generated(ev.logprobs)
                 continue
             done = True
             if ev.kind == "error":
                 raise P.ApiError(ev.status, ev.text, "timeout" if ev.status == 504 else
                                  "server_error" if ev.status >= 500 else "invalid_request_error")
+            text = "".join(parts)
+            logprobs = lp.shape(prompt_positions + lp.trim(positions, len(text))) if lp is not None else None
             make = P.chat_body if chat else P.completion_body
-            return JSONResponse(make(id_, model, "".join(parts), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens))
+            return JSONResponse(make(id_, model, (echo or "") + text, ev.finish_reason, ev.prompt_tokens,
+                                     ev.completion_tokens, logprobs))
     finally:
         if not done:
             engine.cancel(req)
 
 
-async def _stream(engine: EngineLoop, req, id_: str, model: str, chat: bool, include_usage: bool):
+async def _stream(engine: EngineLoop, req, id_: str, model: str, chat: bool, include_usage: bool,
+                  echo: str | None = None, lp: _Logprobs | None = None):
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. If the client
-    disconnects, sse-starlette cancels this generator and `finally` cancels the sequence."""
+    disconnects, sse-starlette cancels this generator and `finally` cancels the sequence. An echoed
+    prompt is the first chunk (with its log-probabilities, once the prompt has been fed, if asked)."""
     done = False
     try:
         if chat:
             yield json.dumps(P.chat_chunk(id_, model, {"role": "assistant", "content": ""}, None))
+        if echo is not None and lp is None:
+            yield json.dumps(P.completion_chunk(id_, model, echo, None))
         held = None
         while True:
             ev, held = held or await req.events.get(), None
+            if ev.kind == "prompt":
+                yield json.dumps(P.completion_chunk(id_, model, echo, None, lp.shape(lp.prompt(ev.logprobs))))
+                continue
             if ev.kind == "text":
-                text = ev.text
+                text, records = ev.text, list(ev.logprobs)
                 while not req.events.empty():  # a slow reader gets the pieces that piled up as one chunk
                     nxt = req.events.get_nowait()
                     if nxt.kind != "text":
                         held = nxt
                         break
                     text += nxt.text
-                chunk = P.chat_chunk(id_, model, {"content": text}, None) if chat else \
-                    P.completion_chunk(id_, model, text, None)
+                    records += nxt.logprobs
+                logprobs = lp.shape(lp.generated(records)) if lp is not None else None
+                chunk = P.chat_chunk(id_, model, {"content": text}, None, logprobs) if chat else \
+                    P.completion_chunk(id_, model, text, None, logprobs)
                 yield json.dumps(chunk)
                 continue
             done = True
@@ -287,7 +380,7 @@ class Guard:
             return await self.app(scope, receive, send)
         path = scope["path"]
         endpoint = path if path in ("/", "/health", "/metrics", "/v1/models", "/v1/completions",
-                                    "/v1/chat/completions") else "other"
+                                    "/v1/chat/completions", "/tokenize", "/detokenize", "/tokenizer_info") else "other"
         status = {"code": 500}
 
         async def counted_send(message) -> None:

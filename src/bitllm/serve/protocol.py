@@ -1,9 +1,11 @@
 """OpenAI API shapes: request bodies (validated), responses, stream chunks and the error JSON.
 
 Reference: https://platform.openai.com/docs/api-reference (completions, chat, errors). Fields that
-bitllm does not implement (n > 1, logprobs, echo, penalties, tools, response formats, logit bias,
-suffix, best_of) are refused with a 400 that names them, never silently ignored. `null` means
-"not given", as in OpenAI's API.
+bitllm does not implement (n > 1, penalties, tools, response formats, logit bias, suffix, best_of)
+are refused with a 400 that names them, never silently ignored. `null` means "not given", as in
+OpenAI's API. Log-probabilities (`logprobs`, chat's `top_logprobs`) are the model's own
+(log-softmax of its logits, before temperature and top-k/top-p), as in vLLM; `echo` with `logprobs`
+scores the prompt too (lm-eval's `local-completions` log-likelihood requests).
 """
 
 from __future__ import annotations
@@ -62,7 +64,6 @@ class _Sampling(_Nullable):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
-    logprobs: Any = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Any = None
@@ -93,8 +94,6 @@ class _Sampling(_Nullable):
         """400 for OpenAI features this server does not implement."""
         if self.n != 1:
             raise ApiError(400, "n must be 1: send one request per completion (they are batched on the server)", param="n")
-        if self.logprobs not in (None, False):
-            raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise ApiError(400, f"{name} is not supported by this server (use 0)", param=name)
@@ -109,16 +108,18 @@ class _Sampling(_Nullable):
                            "(no JSON mode or structured outputs)", param="response_format")
 
 
+MAX_LOGPROBS = 20  # alternatives per position (OpenAI: 5 for completions, 20 for chat; vLLM: 20)
+
+
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)  # alternatives per position
     suffix: str | None = None
     best_of: int | None = None
 
     def unsupported(self) -> None:
         super().unsupported()
-        if self.echo:
-            raise ApiError(400, "echo is not supported by this server", param="echo")
         if self.suffix:
             raise ApiError(400, "suffix (insertion) is not supported by this server", param="suffix")
         if self.best_of not in (None, 1):
@@ -156,9 +157,32 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 
     def as_dicts(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class TokenizeRequest(_Nullable):
+    """POST /tokenize (vLLM's shape, which lm-eval's remote tokenizer uses): text or chat messages."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ApiError(400, "send exactly one of prompt (text) and messages (chat)", param="prompt")
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int]
 
 
 # --- responses ---------------------------------------------------------------------------------
@@ -174,28 +198,62 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion_body(id_: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
-                    completion_tokens: int) -> dict[str, Any]:
+                    completion_tokens: int, logprobs: dict | None = None) -> dict[str, Any]:
     return {"id": id_, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chat_body(id_: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
-              completion_tokens: int) -> dict[str, Any]:
+              completion_tokens: int, logprobs: dict | None = None) -> dict[str, Any]:
     return {"id": id_, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                          "finish_reason": finish_reason}],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def completion_chunk(id_: str, model: str, text: str, finish_reason: str | None) -> dict[str, Any]:
+def completion_chunk(id_: str, model: str, text: str, finish_reason: str | None,
+                     logprobs: dict | None = None) -> dict[str, Any]:
     return {"id": id_, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
-def chat_chunk(id_: str, model: str, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
+def chat_chunk(id_: str, model: str, delta: dict[str, str], finish_reason: str | None,
+               logprobs: dict | None = None) -> dict[str, Any]:
     return {"id": id_, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+# --- log-probabilities ---------------------------------------------------------------------------
+# A position is (piece, record, alternative pieces, offset): its token's text, its TokenLogprob (None
+# for the first prompt token, which nothing predicts), the texts of record.top, and where the piece
+# starts in the answer's text.
+
+
+def completion_logprobs(positions: list[tuple]) -> dict[str, list]:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs ({text: logprob}), text_offset."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for piece, rec, alts, offset in positions:
+        top = None
+        if rec is not None:  # two tokens with one text (e.g. two partial characters): the likelier one
+            top = {}
+            for a, (_, lp) in zip(alts, rec.top):
+                top.setdefault(a, lp)
+        out["tokens"].append(piece)
+        out["token_logprobs"].append(None if rec is None else rec.logprob)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+    return out
+
+
+def chat_logprobs(positions: list[tuple]) -> dict[str, list]:
+    """The chat shape: content = [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
+    def entry(text: str, lp: float) -> dict[str, Any]:
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [dict(entry(piece, rec.logprob),
+                             top_logprobs=[entry(a, lp) for a, (_, lp) in zip(alts, rec.top)])
+                        for piece, rec, alts, _ in positions]}
 
 
 def usage_chunk(id_: str, model: str, obj: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:

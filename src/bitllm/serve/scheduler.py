@@ -33,7 +33,9 @@ class QueueFull(Exception):
 
 @dataclass
 class Event:
-    """What a handler reads: kind "text" (piece), "done" (finish_reason, usage) or "error" (message)."""
+    """What a handler reads: kind "text" (a piece, and the log-probability records of the tokens
+    generated since the last event when they were asked for), "prompt" (the prompt's records, once
+    it has been fed), "done" (finish_reason, usage) or "error" (message)."""
 
     kind: str
     text: str = ""
@@ -41,6 +43,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     status: int = 500
+    logprobs: list = field(default_factory=list)
 
 
 @dataclass
@@ -54,6 +57,8 @@ class Request:
     seq_id: int | None = None
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
+    logprobs_sent: int = 0  # generated tokens whose records went out
+    prompt_sent: bool = False  # the prompt's records went out
 
 
 
@@ -314,18 +319,23 @@ class EngineLoop:
         t0 = time.perf_counter()
         events = self.batch.step()  # one batched forward over every live sequence
         self.metrics.step(len(events), time.perf_counter() - t0)
-        with self.metrics.lock:
-            self.metrics.completion_tokens += len(events)
+        with self.metrics.lock:  # a step that only fed part of a long scored prompt made no token
+            self.metrics.completion_tokens += sum(ev.token is not None for ev in events)
         for ev in events:
             req = self._live.get(ev.seq_id)
             if req is not None:
                 self._deliver(req)
 
     def _deliver(self, req: Request) -> None:
-        piece = self.batch.text_delta(req.seq_id)
-        if piece:
-            self._push(req, Event("text", text=piece))
         seq = self.batch.seqs[req.seq_id]
+        if seq.params.prompt_logprobs is not None and not req.prompt_sent and seq.fed >= len(seq.prompt):
+            req.prompt_sent = True
+            self._push(req, Event("prompt", logprobs=list(seq.prompt_logprobs)))
+        records = seq.logprobs[req.logprobs_sent:]
+        req.logprobs_sent = len(seq.logprobs)
+        piece = self.batch.text_delta(req.seq_id)
+        if piece or records:
+            self._push(req, Event("text", text=piece, logprobs=records))
         if seq.finished:
             self._push(req, Event("done", finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt),
                            completion_tokens=len(seq.generated)))
