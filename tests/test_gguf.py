@@ -465,3 +465,91 @@ def test_import_refuses_an_untied_head_in_a_bitnet_file(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"head\.gguf: tensor 'output\.weight' \(an untied LM head\)"):
         import_gguf(f, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- transformers' gguf_file= loader and bitllm's own GGUF inputs -------------------------------------
+
+
+def test_transformers_cannot_load_a_bitllm_export(exported, tmp_path):
+    """Why bitllm reads its own GGUF files itself: transformers' gguf_file= loader maps GGUF tensors onto HF
+    parameters and has none for llama.cpp's per-tensor `blk.N.<proj>.scale`. It fails on attn_q's (its q/k
+    un-permutation reshapes the 1-element tensor), and skips the others, loading the codes unscaled. If this
+    test starts to fail, transformers has learnt the scales and the detour in eval/models.py and
+    convert/student.py can be revisited."""
+    from transformers import AutoModelForCausalLM
+
+    from bitllm.formats.gguf_io import transformers_gguf_problem
+
+    why = transformers_gguf_problem(exported)
+    assert why is not None and "14 per-tensor weight scales (blk.0.attn_q.scale" in why
+    with pytest.raises(ValueError, match="cannot reshape array of size 1"):
+        AutoModelForCausalLM.from_pretrained(str(exported.parent), gguf_file=exported.name)
+    r = gguf.GGUFReader(str(exported))
+    scales = [t.name for t in r.tensors if t.name.endswith(".scale")]
+    qk = _rewrite(exported, tmp_path / "qk.gguf", tensors={n: None for n in scales if ".attn_q." in n or ".attn_k." in n})
+    m = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=qk.name, dtype=torch.float32)
+    v = m.model.layers[0].self_attn.v_proj.weight  # its blk.0.attn_v.scale was in the file, and was dropped
+    assert set(v.unique().tolist()) == {-1.0, 0.0, 1.0}
+    plain = _rewrite(exported, tmp_path / "plain.gguf", tensors={n: None for n in scales})
+    assert transformers_gguf_problem(plain) is None  # no scales: transformers reads it (a file of other makers)
+    assert transformers_gguf_problem(tmp_path / "missing.gguf") is None  # left to transformers' own error
+
+
+@pytest.mark.parametrize("family,kw,qtype,backend", [
+    ("llama", {}, "tq2_0", "transformers"),
+    ("bitnet", {"hidden_act": "silu"}, "tq1_0", "auto"),  # auto without llama.cpp installed: the native engine
+])
+def test_eval_opens_a_bitllm_export_with_bitllm_reader(tmp_path, monkeypatch, family, kw, qtype, backend):
+    """`bitllm eval FILE.gguf` without llama.cpp (or with backend transformers) reads the file with bitllm's own
+    importer, not transformers' loader: the same logits as the checkpoint it was exported from, bit for bit, and
+    the same token ids; the temporary checkpoint is gone once the model is open."""
+    import sys
+    import tempfile
+
+    import bitllm
+    from bitllm.eval.models import open_model
+
+    ck = _ternary_checkpoint(tmp_path, family, **kw)
+    f = export_gguf(ck, tmp_path / f"m-{qtype}.gguf", qtype, embed_type="f32")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    m = open_model(f, backend=backend, threads=1)
+    assert m.kind == "gguf-bitllm" and m.file_bytes == f.stat().st_size
+    from bitllm.eval.runner import FORMAT_BITS, bits_per_weight
+
+    assert bits_per_weight(m) == FORMAT_BITS[qtype]  # the file's type, not the imported checkpoint's i2
+    assert not list((tmp_path / "tmp").iterdir())
+    ref = bitllm.LLM(ck, backend="hf" if backend == "transformers" else "auto", threads=1)
+    assert m.llm.backend_name == ref.backend_name == ("hf" if backend == "transformers" else "native")
+    tok = tiny_tokenizer()
+    text = "Shall I compare thee to a summer's day? 42"
+    ids = tok(text).input_ids
+    assert m.encode(text) == tok.encode(text, add_special_tokens=False) and m.eos_token_id == tok.eos_token_id
+
+    def logits(llm):
+        slot = llm.backend.open(len(ids))
+        out = llm.backend.forward([slot], [ids], all_logits=True)  # (T, vocab)
+        llm.backend.close(slot)
+        return out
+
+    ours, theirs = logits(m.llm), logits(ref)
+    assert ours.shape == (len(ids), 320) and np.array_equal(ours, theirs)
+    assert m.loglikelihood([(ids[:5], ids[5:])]) == ref.loglikelihood([(ids[:5], ids[5:])])
+
+
+def test_convert_refuses_a_bitllm_export_as_teacher(exported, monkeypatch):
+    """A ternary GGUF with per-tensor scales is refused before transformers loads it (it would load unscaled
+    weights), in one line that says what to do instead."""
+    from transformers import AutoModelForCausalLM
+
+    from bitllm.convert.student import load_teacher
+
+    def never(*a, **k):
+        raise AssertionError("transformers' loader must not be reached")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", never)
+    with pytest.raises(UnsupportedModelError, match=r"m\.gguf: transformers cannot load this GGUF as a teacher: it "
+                       r"holds 14 per-tensor weight scales.*`bitllm import m\.gguf -o DIR`") as e:
+        load_teacher(str(exported), "fp32")
+    assert "\n" not in str(e.value)

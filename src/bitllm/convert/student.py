@@ -39,7 +39,9 @@ def resolve_teacher_dtype(dtype: str) -> str:
 
 def load_teacher(spec: str, dtype: str = "auto"):
     """(model, tokenizer) of `spec`: a local directory, a hub id (through resolve_model_dir), or a .gguf file
-    (transformers dequantizes it; needs the `gguf` package). The model is in eval mode with no gradients."""
+    (transformers dequantizes it; needs the `gguf` package). A GGUF transformers cannot load as the model it
+    holds (a ternary file with llama.cpp's per-tensor scales, as bitllm exports, or a `bitnet` one) is refused
+    before loading. The model is in eval mode with no gradients."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bitllm.formats.checkpoint import resolve_model_dir
@@ -50,6 +52,15 @@ def load_teacher(spec: str, dtype: str = "auto"):
         if p.suffix.lower() != ".gguf":
             raise BitLLMError(f"{p} is a file but not a .gguf; pass a model directory, a hub id or a GGUF file")
         from transformers import GgufConfig
+
+        from bitllm.formats.gguf_io import transformers_gguf_problem
+
+        if why := transformers_gguf_problem(p):  # e.g. bitllm's own export: transformers would load it unscaled
+            raise UnsupportedModelError(
+                f"{spec}: transformers cannot load this GGUF as a teacher: {why}. It is an already-quantized "
+                f"ternary model: convert its full-precision original instead (`bitllm import {p.name} -o DIR` "
+                "makes it a bitllm checkpoint to run or evaluate)"
+            )
 
         # transformers 5 keeps GGUF weights packed (its own matmul kernels) unless told to dequantize; the student
         # is built from dense nn.Linear weights

@@ -3,7 +3,9 @@ full-precision twin, a teacher and a llama.cpp GGUF are measured by the same cod
 
 - a bitllm checkpoint          -> `bitllm.LLM` (native engine, or transformers + packed layers)
 - a plain Hugging Face model   -> `bitllm.LLM(backend="hf")` (the transformers model, unchanged)
-- a GGUF file                  -> llama-cpp-python when installed, else transformers' `gguf_file=` loader
+- a GGUF file                  -> llama-cpp-python when installed, else transformers' `gguf_file=` loader;
+                                  a file that loader cannot read as the model it holds (llama.cpp's per-tensor
+                                  `.scale` tensors, as bitllm exports, or `bitnet`) -> bitllm's own GGUF reader
 
 Every backend scores (context ids, continuation ids) pairs with teacher forcing and returns
 (sum of log-probabilities, is-greedy), exactly what perplexity and lm-eval need.
@@ -35,7 +37,7 @@ class EvalModel:
     """A model opened for evaluation. `kind` names the path that runs it."""
 
     name: str
-    kind: str  # "bitllm-native" | "bitllm-hf" | "hf" | "llama.cpp" | "gguf-hf"
+    kind: str  # "bitllm-native" | "bitllm-hf" | "hf" | "llama.cpp" | "gguf-hf" | "gguf-bitllm"
     tokenizer: Any
     max_length: int
     bos_token_id: int | None
@@ -183,10 +185,38 @@ def _open_gguf(path: Path, *, backend: str, threads: int | None, max_length: int
     import bitllm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bitllm.formats.gguf_io import transformers_gguf_problem
+
+    if transformers_gguf_problem(path):  # transformers would fail or load the weights unscaled
+        return _open_with_bitllm_reader(path, backend=backend, threads=threads, max_length=max_length,
+                                        tokenizer=tokenizer)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
     tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     llm = bitllm.LLM.from_model(model, tokenizer=tok, threads=threads, max_context=max_length)
     return _from_llm(str(path), "gguf-hf", llm, path.stat().st_size)
+
+
+def _open_with_bitllm_reader(path: Path, *, backend: str, threads: int | None, max_length: int | None,
+                             tokenizer: str | None) -> EvalModel:
+    """A GGUF that transformers' loader misreads, read by bitllm's own importer (exact for ternary data) into a
+    temporary checkpoint and run by bitllm: backend "transformers"/"hf" -> transformers with bitllm's packed
+    layers, "auto" -> the native engine where it runs the model."""
+    import tempfile
+
+    import bitllm
+    from bitllm.formats.gguf_io import import_gguf
+
+    tok = None
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    with tempfile.TemporaryDirectory(prefix="bitllm-gguf-") as tmp:  # both backends hold the weights in memory
+        ck = import_gguf(path, Path(tmp) / "model")
+        llm = bitllm.LLM(ck, threads=threads, backend="auto" if backend == "auto" else "hf", max_context=max_length,
+                         tokenizer=tok)
+    llm.directory = None  # removed; the file is `path`
+    return _from_llm(str(path), "gguf-bitllm", llm, path.stat().st_size)
 
 
 def _open_llama_cpp(llama_cpp, path: Path, threads: int | None, max_length: int | None,

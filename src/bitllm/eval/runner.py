@@ -15,7 +15,7 @@ DTYPE_BITS = {"float32": 32.0, "float16": 16.0, "bfloat16": 16.0}
 
 def bits_per_weight(model: EvalModel) -> float | None:
     """Stored bits per weight of the model's linear layers (None when unknown)."""
-    if model.kind in ("llama.cpp", "gguf-hf"):
+    if model.kind in ("llama.cpp", "gguf-hf", "gguf-bitllm"):  # the GGUF type in the file name
         name = Path(model.name).name.lower()
         return next((b for k, b in FORMAT_BITS.items() if k in name), None)
     cfg = model.llm.config if model.llm is not None else None

@@ -659,3 +659,33 @@ def _tokenizer_from_gguf(reader, tokens: list[str], path: Path | None = None):
     if template:
         fast.chat_template = template
     return fast
+
+
+# --- transformers' GGUF loader -------------------------------------------------------------------
+
+
+def transformers_gguf_problem(path: str | os.PathLike) -> str | None:
+    """Why transformers' `from_pretrained(dir, gguf_file=name)` cannot load this file as the model it holds, or None.
+
+    transformers (5.x, `modeling_gguf_pytorch_utils.load_gguf_checkpoint`) maps each GGUF tensor onto a parameter
+    of the HF model by name and skips every tensor without one. llama.cpp's per-tensor scales
+    `blk.N.<proj>.scale` (shape {1}), which bitllm's export writes, have no such parameter in an HF model, so
+    the projections would load unscaled (for attn_q/attn_k its q/k un-permutation first fails on the 1-element
+    tensor: "cannot reshape array of size 1"). Its GGUF architectures also lack `bitnet`. A file the `gguf`
+    package cannot parse is left to transformers' own error (it parses with the same reader).
+    """
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        arch = _field(reader, "general.architecture")
+        scaled = [t.name for t in reader.tensors if t.name.endswith(".scale")]
+    except Exception:  # the reader raises ValueError/struct.error/IndexError on bad bytes
+        return None
+    if scaled:
+        return (f"it holds {len(scaled)} per-tensor weight scales ({scaled[0]}, ...: llama.cpp's convention for "
+                "ternary weights, which bitllm exports), and transformers' GGUF loader has no place for them "
+                "(it drops them, or fails on attn_q/attn_k)")
+    if arch == "bitnet":
+        return "transformers' GGUF loader has no 'bitnet' architecture"
+    return None
