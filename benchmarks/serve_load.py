@@ -234,7 +234,8 @@ MALFORMED = [
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}).encode(), "application/json"),
     (json.dumps({"messages": "hello"}).encode(), "application/json"),
     (b"\xff\xfe garbage", "text/plain"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 4}).encode(), "application/json"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 0}).encode(), "application/json"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}).encode(), "application/json"),
 ]
 
 

@@ -214,6 +214,63 @@ def test_chat_logprobs_and_streamed_logprobs(llm, client):
     assert len(first.logprobs.tokens) == len(llm.encode("the quick"))
 
 
+def test_several_prompts_and_n_choices(llm, server, client):
+    """A list of prompts (lm-eval's batch_size > 1) and `n` choices per prompt: one sequence each in
+    the running batch, choices indexed prompt * n + j; seeded samples differ between the n choices."""
+    prompts = ["the quick", "a bit of", "models"]
+    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=5, temperature=0, logprobs=1)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for p, c in zip(prompts, r.choices):
+        want = llm.generate(p, max_new_tokens=5, logprobs=1)
+        assert c.text == want and c.logprobs.token_logprobs == pytest.approx([x.logprob for x in want.logprobs])
+    assert r.usage.prompt_tokens == sum(len(llm.encode(p)) for p in prompts)
+    assert r.usage.completion_tokens == sum(len(llm.generate(p, max_new_tokens=5).token_ids) for p in prompts)
+    ids = [llm.encode(p) for p in prompts[:2]]  # lm-eval sends token-id lists
+    r2 = client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0)
+    assert [c.text for c in r2.choices] == [c.text for c in r.choices[:2]]
+    many = client.completions.create(model="tiny", prompt=prompts[:2], max_tokens=8, temperature=1.0, seed=7, n=3)
+    assert [c.index for c in many.choices] == list(range(6))
+    assert len({c.text for c in many.choices[:3]}) > 1  # n samples, not n copies
+    again = client.completions.create(model="tiny", prompt=prompts[:2], max_tokens=8, temperature=1.0, seed=7, n=3)
+    assert [c.text for c in again.choices] == [c.text for c in many.choices]
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                          temperature=1.0, seed=3, n=2)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.prompt_tokens == len(
+        llm.chat_ids([{"role": "user", "content": "hi"}]))
+    # streamed: chunks of both choices, each ending with its finish_reason
+    chunks = list(client.completions.create(model="tiny", prompt=prompts[:2], max_tokens=5, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    texts, finished = ["", ""], [None, None]
+    for ch in chunks[:-1]:
+        c = ch.choices[0]
+        texts[c.index] += c.text
+        finished[c.index] = c.finish_reason or finished[c.index]
+    assert texts == [c.text for c in r.choices[:2]] and finished == ["length", "length"]
+    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == r2.usage.prompt_tokens
+    assert server.app.state.engine.kv_sequences() == 0
+
+
+def test_a_failed_step_fails_every_choice(llm, server, slow):
+    """A request's choices stand or fall together: an engine step that fails gives one clean 500 and
+    frees every sequence's cache slot."""
+    slow(0.02)
+    forward = llm.backend.forward
+
+    def fail_long(slots, tokens, *a, **k):
+        if any(len(t) > 3 for t in tokens):
+            raise RuntimeError("boom")
+        return forward(slots, tokens, *a, **k)
+
+    import unittest.mock as mock
+
+    with mock.patch.object(llm.backend, "forward", fail_long):
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": [[5, 6], [5, 6, 7, 8, 9]], "max_tokens": 4},
+                       timeout=30)
+    assert r.status_code == 500 and "internal" in r.json()["error"]["message"]
+    time.sleep(0.3)
+    assert server.app.state.engine.kv_sequences() == 0
+
+
 def test_logprobs_bad_input(server):
     url, user = server.url, [{"role": "user", "content": "x"}]
     for extra in ({"logprobs": 21}, {"logprobs": -1}, {"logprobs": True}, {"logprobs": "2"}):
@@ -290,7 +347,10 @@ def test_malformed_requests(server, client):
     assert error_of(httpx.post(url + "/v1/completions", json={"prompt": "x", "temperature": 9}), 400)["param"] == "temperature"
     assert error_of(httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": -1}), 400)["param"] == "max_tokens"
     assert error_of(httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 10_000}), 400)["param"] == "max_tokens"
-    assert error_of(httpx.post(url + "/v1/completions", json={"prompt": "x", "n": 3}), 400)["param"] == "n"
+    assert error_of(httpx.post(url + "/v1/completions", json={"prompt": "x", "n": 0}), 400)["param"] == "n"
+    assert "at most 64" in error_of(httpx.post(url + "/v1/completions", json={"prompt": "x", "n": 65}), 400)["message"]
+    assert error_of(httpx.post(url + "/v1/completions", json={"prompt": ["x"] * 65}), 400)["param"] == "prompt"
+    assert error_of(httpx.post(url + "/v1/completions", json={"prompt": ["x", ""]}), 400)["message"] == "prompt 1 is empty"
     assert error_of(httpx.post(url + "/v1/completions", json={"prompt": ""}), 400)["param"] == "prompt"
     assert error_of(httpx.post(url + "/v1/completions", json={"prompt": [1, 99999]}), 400)["message"]
     assert error_of(httpx.post(url + "/v1/chat/completions", json={"messages": []}), 400)["param"] == "messages"
@@ -383,13 +443,13 @@ def test_chat_without_template_ends_the_turn_like_llm_chat(llm, server, client, 
     """A model without a chat template sees a "User: ... Assistant:" transcript; as in LLM.chat, the
     answer must stop at the next "\nUser:" instead of writing the user's turns too."""
     seen = []
-    submit = server.engine.submit
+    submit_many = server.engine.submit_many
 
-    def spy(ids, params, *a, **k):
-        seen.append(params.stop)
-        return submit(ids, params, *a, **k)
+    def spy(jobs, *a, **k):
+        seen.extend(params.stop for _, params in jobs)
+        return submit_many(jobs, *a, **k)
 
-    monkeypatch.setattr(server.engine, "submit", spy)
+    monkeypatch.setattr(server.engine, "submit_many", spy)
     monkeypatch.setattr(llm.tokenizer, "chat_template", None)
     messages = [{"role": "user", "content": "Hi"}]
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, stop="zz")
@@ -477,6 +537,11 @@ def test_disconnect_cancels_and_frees_kv(llm, slow):
             httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 250, "ignore_eos": True}, timeout=0.5)
         assert wait_for(lambda: s.engine.kv_sequences() == 0 and metric(s.url, "bitllm_cancelled_total") == 2)
         assert httpx.get(s.url + "/health").json()["live"] == 0
+        # several choices (2 prompts x n = 2): all four are cancelled when the client goes away
+        with httpx.stream("POST", s.url + "/v1/completions", json={**body, "prompt": ["a", "b"], "n": 2}) as r:
+            next(r.iter_lines())
+            assert wait_for(lambda: s.engine.kv_sequences() == 4)
+        assert wait_for(lambda: s.engine.kv_sequences() == 0 and metric(s.url, "bitllm_cancelled_total") == 6)
 
 
 def test_request_timeout(llm, slow):

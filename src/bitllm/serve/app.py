@@ -7,7 +7,8 @@ POST /v1/completions, POST /v1/chat/completions, and vLLM's tokenizer routes POS
 /detokenize, GET /tokenizer_info (lm-eval's remote tokenizer). Tokenizing, chat templates,
 sampling, stop strings, log-probabilities and incremental detokenization are the engine's
 (`LLM.encode`, `LLM.chat_ids`, `Batch.add/step/text_delta`, `bitllm.engine.detok`); this module only
-parses requests, checks limits and shapes the answers. User guide: docs/serve.md.
+parses requests, checks limits and shapes the answers (several prompts and `n` choices: one engine
+sequence each, read together by `_Answer`). User guide: docs/serve.md.
 """
 
 from __future__ import annotations
@@ -181,10 +182,11 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request):
         body.unsupported()
-        prompt = body.single_prompt()
-        ids = llm.encode(prompt)
-        echo = (prompt if isinstance(prompt, str) else llm.decode(ids)) if body.echo else None
-        return await _answer(request, body, ids, body.max_tokens, chat=False, echo=echo, logprobs=body.logprobs)
+        prompts = []  # (ids, echoed text)
+        for p in body.prompts():
+            ids = llm.encode(p)
+            prompts.append((ids, (p if isinstance(p, str) else llm.decode(ids)) if body.echo else None))
+        return await _answer(request, body, prompts, body.max_tokens, chat=False, logprobs=body.logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat(body: P.ChatRequest, request: Request):
@@ -199,43 +201,56 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
             limit, param = body.max_completion_tokens, "max_completion_tokens"
         else:
             limit, param = body.max_tokens, "max_tokens"
-        return await _answer(request, body, ids, limit, chat=True, param=param, extra_stop=turn_end,
+        return await _answer(request, body, [(ids, None)], limit, chat=True, param=param, extra_stop=turn_end,
                              logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
-    async def _answer(request: Request, body: P._Sampling, ids: list[int], max_tokens: int | None, chat: bool,
-                      param: str = "max_tokens", extra_stop: tuple[str, ...] = (), echo: str | None = None,
+    async def _answer(request: Request, body: P._Sampling, prompts: list[tuple[list[int], str | None]],
+                      max_tokens: int | None, chat: bool, param: str = "max_tokens", extra_stop: tuple[str, ...] = (),
                       logprobs: int | None = None):
-        if len(ids) > max_prompt:
-            raise P.ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at most {max_prompt}",
-                             param="messages" if chat else "prompt", code="context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = min(cfg.max_tokens, context - len(ids)) if chat else cfg.default_max_tokens
-        if max_tokens > cfg.max_tokens:
-            raise P.ApiError(400, f"{param} is {max_tokens}; this server allows at most {cfg.max_tokens}", param=param)
-        # top_p 0 keeps only the most likely token: greedy (SamplingParams itself wants 0 < top_p <= 1)
-        greedy = body.top_p == 0
-        params = llm.sampling_params(max_new_tokens=max_tokens, temperature=0.0 if greedy else body.temperature,
-                                     top_p=1.0 if greedy else body.top_p,
-                                     seed=body.seed, stop=tuple(body.stop or ()) + extra_stop, top_k=body.top_k,
-                                     repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,
-                                     logprobs=logprobs, prompt_logprobs=logprobs if echo is not None else None)
+        """Every prompt x `n` choices become sequences of the running batch (choice index p * n + j)."""
+        where = "messages" if chat else "prompt"
+        if len(prompts) * body.n > cfg.max_queue:
+            raise P.ApiError(400, f"{len(prompts)} prompt(s) x n = {body.n} is {len(prompts) * body.n} choices; this "
+                             f"server takes at most {cfg.max_queue} per request", param="n" if body.n > 1 else where)
         engine: EngineLoop = app.state.engine
-        try:  # the engine's own checks (token ids, stops), here: a stream has not answered 200 yet
-            engine.batch.check(ids, params)
-        except BitLLMError as e:
-            raise P.ApiError(400, str(e), param="messages" if chat else "prompt") from None
+        jobs, choices = [], []  # (ids, params) per choice; (echo, logprob shaper) per choice
+        for ids, echo in prompts:
+            if len(ids) > max_prompt:
+                raise P.ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at most {max_prompt}",
+                                 param=where, code="context_length_exceeded")
+            limit = max_tokens
+            if limit is None:
+                limit = min(cfg.max_tokens, context - len(ids)) if chat else cfg.default_max_tokens
+            if limit > cfg.max_tokens:
+                raise P.ApiError(400, f"{param} is {limit}; this server allows at most {cfg.max_tokens}", param=param)
+            for j in range(body.n):
+                # top_p 0 keeps only the most likely token: greedy (SamplingParams itself wants 0 < top_p <= 1)
+                greedy = body.top_p == 0
+                params = llm.sampling_params(
+                    max_new_tokens=limit, temperature=0.0 if greedy else body.temperature,
+                    top_p=1.0 if greedy else body.top_p,
+                    seed=None if body.seed is None else (body.seed + j) % (1 << 64),  # n choices, n samples
+                    stop=tuple(body.stop or ()) + extra_stop, top_k=body.top_k,
+                    repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,
+                    logprobs=logprobs, prompt_logprobs=logprobs if echo is not None else None)
+                try:  # the engine's own checks (token ids, stops), here: a stream has not answered 200 yet
+                    engine.batch.check(ids, params)
+                except BitLLMError as e:
+                    raise P.ApiError(400, str(e), param=where) from None
+                jobs.append((ids, params))
+                choices.append((echo, _Logprobs(llm.tokenizer, chat, ids, echo) if logprobs is not None else None))
         try:
-            req = engine.submit(ids, params)
+            reqs = engine.submit_many(jobs)
         except QueueFull as e:
             raise P.ApiError(429, str(e), "rate_limit_error", code="server_busy",
                              headers={"Retry-After": str(e.retry_after)}) from None
-        id_ = P.new_id("chatcmpl" if chat else "cmpl")
-        model = cfg.model_name  # the model that answered, whatever name the client asked for (as OpenAI does)
-        lp = _Logprobs(llm.tokenizer, chat, ids, echo) if logprobs is not None else None
+        answer = _Answer(engine, reqs, choices, P.new_id("chatcmpl" if chat else "cmpl"),
+                         cfg.model_name,  # the model that answered, whatever name the client asked for (as OpenAI)
+                         chat, sum(len(ids) for ids, _ in prompts))
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventSourceResponse(_stream(engine, req, id_, model, chat, usage, echo, lp), sep="\n", ping=15)
-        return await _collect(request, engine, req, id_, model, chat, echo, lp)
+            return EventSourceResponse(answer.stream(usage), sep="\n", ping=15)
+        return await answer.collect(request)
 
     return app
 
@@ -279,94 +294,130 @@ class _Logprobs:
         return P.chat_logprobs(positions) if self.chat else P.completion_logprobs(positions)
 
 
-async def _collect(request: Request, engine: EngineLoop, req, id_: str, model: str, chat: bool,
-                   echo: str | None = None, lp: _Logprobs | None = None) -> JSONResponse:
-    """Wait for the whole answer; cancel the sequence if the client goes away meanwhile."""
-    parts: list[str] = []
-    prompt_positions: list[tuple] = []
-    positions: list[tuple] = []
-    done = False
-    check = time.monotonic() + 0.25
-    try:
-        while True:
-            try:
-                ev = await asyncio.wait_for(req.events.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                ev = None
-            if time.monotonic() >= check:  # events may keep coming: look at the connection on a clock
-                check = time.monotonic() + 0.25
-                if await request.is_disconnected():
-                    return JSONResponse(P.error_body("client disconnected", "invalid_request_error"), status_code=499)
-            if ev is None:
-                continue
-            if ev.kind == "prompt":
-                prompt_positions = lp.prompt(ev.logprobs)
-                continue
-            if ev.kind == "text":
-                parts.append(ev.text)
-                if lp is not None:
-                    positions += lp.generated(ev.logprobs)
-                continue
-            done = True
-            if ev.kind == "error":
-                raise P.ApiError(ev.status, ev.text, "timeout" if ev.status == 504 else
-                                 "server_error" if ev.status >= 500 else "invalid_request_error")
-            text = "".join(parts)
-            logprobs = lp.shape(prompt_positions + lp.trim(positions, len(text))) if lp is not None else None
-            make = P.chat_body if chat else P.completion_body
-            return JSONResponse(make(id_, model, (echo or "") + text, ev.finish_reason, ev.prompt_tokens,
-                                     ev.completion_tokens, logprobs))
-    finally:
-        if not done:
-            engine.cancel(req)
+def _error_kind(status: int) -> str:
+    return "timeout" if status == 504 else "server_error" if status >= 500 else "invalid_request_error"
 
 
-async def _stream(engine: EngineLoop, req, id_: str, model: str, chat: bool, include_usage: bool,
-                  echo: str | None = None, lp: _Logprobs | None = None):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. If the client
-    disconnects, sse-starlette cancels this generator and `finally` cancels the sequence. An echoed
-    prompt is the first chunk (with its log-probabilities, once the prompt has been fed, if asked)."""
-    done = False
-    try:
-        if chat:
-            yield json.dumps(P.chat_chunk(id_, model, {"role": "assistant", "content": ""}, None))
-        if echo is not None and lp is None:
-            yield json.dumps(P.completion_chunk(id_, model, echo, None))
-        held = None
-        while True:
-            ev, held = held or await req.events.get(), None
-            if ev.kind == "prompt":
-                yield json.dumps(P.completion_chunk(id_, model, echo, None, lp.shape(lp.prompt(ev.logprobs))))
-                continue
-            if ev.kind == "text":
-                text, records = ev.text, list(ev.logprobs)
-                while not req.events.empty():  # a slow reader gets the pieces that piled up as one chunk
-                    nxt = req.events.get_nowait()
-                    if nxt.kind != "text":
-                        held = nxt
-                        break
-                    text += nxt.text
-                    records += nxt.logprobs
-                logprobs = lp.shape(lp.generated(records)) if lp is not None else None
-                chunk = P.chat_chunk(id_, model, {"content": text}, None, logprobs) if chat else \
-                    P.completion_chunk(id_, model, text, None, logprobs)
-                yield json.dumps(chunk)
-                continue
-            done = True
-            if ev.kind == "error":
-                kind = "timeout" if ev.status == 504 else "server_error" if ev.status >= 500 else "invalid_request_error"
-                yield json.dumps(P.error_body(ev.text, kind))
+class _Answer:
+    """One HTTP request's choices (one engine request each) read together: their events merged into
+    one queue as (choice index, event). If the client goes away, or one choice fails, the choices
+    still running are cancelled (their KV cache slots freed)."""
+
+    def __init__(self, engine: EngineLoop, reqs: list, choices: list[tuple], id_: str, model: str, chat: bool,
+                 prompt_tokens: int) -> None:
+        self.engine, self.reqs, self.choices = engine, reqs, choices
+        self.id, self.model, self.chat, self.prompt_tokens = id_, model, chat, prompt_tokens
+        self.done = [False] * len(reqs)
+        self.merged: asyncio.Queue = asyncio.Queue()
+        self.tasks: list[asyncio.Task] = []
+
+    def _start(self) -> None:
+        async def forward(i: int, req) -> None:
+            while True:
+                ev = await req.events.get()
+                self.merged.put_nowait((i, ev))
+                if ev.kind in ("done", "error"):
+                    return
+
+        self.tasks = [asyncio.ensure_future(forward(i, r)) for i, r in enumerate(self.reqs)]
+
+    def _stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for i, req in enumerate(self.reqs):
+            if not self.done[i]:
+                self.engine.cancel(req)
+
+    async def collect(self, request: Request) -> JSONResponse:
+        """Wait for every choice; cancel them if the client goes away meanwhile."""
+        n = len(self.reqs)
+        parts: list[list[str]] = [[] for _ in range(n)]
+        prompt_pos: list[list[tuple]] = [[] for _ in range(n)]
+        positions: list[list[tuple]] = [[] for _ in range(n)]
+        out: list[dict | None] = [None] * n
+        completion_tokens = 0
+        check = time.monotonic() + 0.25
+        self._start()
+        try:
+            while not all(self.done):
+                try:
+                    i, ev = await asyncio.wait_for(self.merged.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    i, ev = None, None
+                if time.monotonic() >= check:  # events may keep coming: look at the connection on a clock
+                    check = time.monotonic() + 0.25
+                    if await request.is_disconnected():
+                        return JSONResponse(P.error_body("client disconnected", "invalid_request_error"), status_code=499)
+                if ev is None:
+                    continue
+                echo, lp = self.choices[i]
+                if ev.kind == "prompt":
+                    prompt_pos[i] = lp.prompt(ev.logprobs)
+                elif ev.kind == "text":
+                    parts[i].append(ev.text)
+                    if lp is not None:
+                        positions[i] += lp.generated(ev.logprobs)
+                elif ev.kind == "error":
+                    self.done[i] = True
+                    raise P.ApiError(ev.status, ev.text, _error_kind(ev.status))
+                else:
+                    self.done[i] = True
+                    text = "".join(parts[i])
+                    logprobs = lp.shape(prompt_pos[i] + lp.trim(positions[i], len(text))) if lp is not None else None
+                    make = P.chat_choice if self.chat else P.completion_choice
+                    out[i] = make(i, (echo or "") + text, ev.finish_reason, logprobs)
+                    completion_tokens += ev.completion_tokens
+            return JSONResponse(P.body(self.id, self.model, self.chat, out, self.prompt_tokens, completion_tokens))
+        finally:
+            self._stop()
+
+    async def stream(self, include_usage: bool):
+        """Server-sent events in OpenAI's chunk format, each chunk one choice's (its `index`), ending
+        with `data: [DONE]`. If the client disconnects, sse-starlette cancels this generator and
+        `finally` cancels the choices. An echoed prompt is its choice's first chunk (with its
+        log-probabilities, once the prompt has been fed, if asked)."""
+        chunk = P.chat_chunk if self.chat else P.completion_chunk
+        completion_tokens = 0
+        self._start()
+        try:
+            for i, (echo, lp) in enumerate(self.choices):
+                if self.chat:
+                    yield json.dumps(chunk(self.id, self.model, {"role": "assistant", "content": ""}, None, index=i))
+                elif echo is not None and lp is None:
+                    yield json.dumps(chunk(self.id, self.model, echo, None, index=i))
+            held = None
+            while not all(self.done):
+                (i, ev), held = held or await self.merged.get(), None
+                echo, lp = self.choices[i]
+                if ev.kind == "prompt":
+                    yield json.dumps(chunk(self.id, self.model, echo, None, lp.shape(lp.prompt(ev.logprobs)), index=i))
+                elif ev.kind == "text":
+                    text, records = ev.text, list(ev.logprobs)
+                    while not self.merged.empty():  # a slow reader gets the pieces that piled up as one chunk
+                        nxt = self.merged.get_nowait()
+                        if nxt[0] != i or nxt[1].kind != "text":
+                            held = nxt
+                            break
+                        text += nxt[1].text
+                        records += nxt[1].logprobs
+                    logprobs = lp.shape(lp.generated(records)) if lp is not None else None
+                    yield json.dumps(chunk(self.id, self.model, {"content": text} if self.chat else text, None,
+                                           logprobs, index=i))
+                elif ev.kind == "error":
+                    self.done[i] = True
+                    yield json.dumps(P.error_body(ev.text, _error_kind(ev.status)))
+                    break
+                else:
+                    self.done[i] = True
+                    completion_tokens += ev.completion_tokens
+                    yield json.dumps(chunk(self.id, self.model, {} if self.chat else "", ev.finish_reason, index=i))
             else:
-                yield json.dumps(P.chat_chunk(id_, model, {}, ev.finish_reason) if chat else
-                                 P.completion_chunk(id_, model, "", ev.finish_reason))
                 if include_usage:
-                    yield json.dumps(P.usage_chunk(id_, model, "chat.completion.chunk" if chat else "text_completion",
-                                                   ev.prompt_tokens, ev.completion_tokens))
+                    yield json.dumps(P.usage_chunk(self.id, self.model, "chat.completion.chunk" if self.chat else
+                                                   "text_completion", self.prompt_tokens, completion_tokens))
             yield "[DONE]"
-            return
-    finally:
-        if not done:
-            engine.cancel(req)
+        finally:
+            self._stop()
 
 
 class Guard:

@@ -1,8 +1,9 @@
 """OpenAI API shapes: request bodies (validated), responses, stream chunks and the error JSON.
 
 Reference: https://platform.openai.com/docs/api-reference (completions, chat, errors). Fields that
-bitllm does not implement (n > 1, penalties, tools, response formats, logit bias, suffix, best_of)
-are refused with a 400 that names them, never silently ignored. `null` means "not given", as in
+bitllm does not implement (penalties, tools, response formats, logit bias, suffix, best_of) are
+refused with a 400 that names them, never silently ignored. Several prompts in one completions
+request, and `n` choices per prompt, are separate sequences of the running batch. `null` means "not given", as in
 OpenAI's API. Log-probabilities (`logprobs`, chat's `top_logprobs`) are the model's own
 (log-softmax of its logits, before temperature and top-k/top-p), as in vLLM; `echo` with `logprobs`
 scores the prompt too (lm-eval's `local-completions` log-likelihood requests).
@@ -63,7 +64,7 @@ class _Sampling(_Nullable):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)  # choices per prompt (the server caps prompts x n at its queue size)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Any = None
@@ -92,8 +93,6 @@ class _Sampling(_Nullable):
 
     def unsupported(self) -> None:
         """400 for OpenAI features this server does not implement."""
-        if self.n != 1:
-            raise ApiError(400, "n must be 1: send one request per completion (they are batched on the server)", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise ApiError(400, f"{name} is not supported by this server (use 0)", param=name)
@@ -125,16 +124,14 @@ class CompletionRequest(_Sampling):
         if self.best_of not in (None, 1):
             raise ApiError(400, "best_of must be 1: this server returns the one completion it samples", param="best_of")
 
-    def single_prompt(self) -> str | list[int]:
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: a string, a token-id list, or a list of either."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise ApiError(400, "send one prompt per request (concurrent requests are batched on the server)",
-                               param="prompt")
-            p = p[0]
-        if isinstance(p, list) and not p or p == "":
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        return p
+        many = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        for i, one in enumerate(many):
+            if one == "" or one == []:
+                raise ApiError(400, "the prompt is empty" if len(many) == 1 else f"prompt {i} is empty", param="prompt")
+        return many
 
 
 class ChatMessage(BaseModel):
@@ -197,31 +194,31 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(id_: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
-                    completion_tokens: int, logprobs: dict | None = None) -> dict[str, Any]:
-    return {"id": id_, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_body(id_: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
-              completion_tokens: int, logprobs: dict | None = None) -> dict[str, Any]:
-    return {"id": id_, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                         "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish_reason}
+
+
+def body(id_: str, model: str, chat: bool, choices: list[dict], prompt_tokens: int,
+         completion_tokens: int) -> dict[str, Any]:
+    return {"id": id_, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def completion_chunk(id_: str, model: str, text: str, finish_reason: str | None,
-                     logprobs: dict | None = None) -> dict[str, Any]:
+                     logprobs: dict | None = None, index: int = 0) -> dict[str, Any]:
     return {"id": id_, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def chat_chunk(id_: str, model: str, delta: dict[str, str], finish_reason: str | None,
-               logprobs: dict | None = None) -> dict[str, Any]:
+               logprobs: dict | None = None, index: int = 0) -> dict[str, Any]:
     return {"id": id_, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 # --- log-probabilities ---------------------------------------------------------------------------

@@ -182,17 +182,22 @@ class EngineLoop:
 
     def submit(self, prompt: list[int], params: SamplingParams, timeout: float | None = None) -> Request:
         """Queue a request; its events arrive on `request.events`. Raises QueueFull."""
+        return self.submit_many([(prompt, params)], timeout)[0]
+
+    def submit_many(self, jobs: list[tuple[list[int], SamplingParams]], timeout: float | None = None) -> list[Request]:
+        """Queue several sequences at once (one HTTP request's prompts and choices): all of them, or
+        none and QueueFull when the queue cannot take them all."""
         loop = asyncio.get_running_loop()
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) + len(jobs) > self.max_queue:
                 with self.metrics.lock:
                     self.metrics.rejected += 1
                 raise QueueFull(self._retry_after())
-            req = Request(prompt, params, time.monotonic() + (timeout or self.timeout), loop, asyncio.Queue(),
-                          id=next(self._ids))
-            self._waiting.append(req)
+            deadline = time.monotonic() + (timeout or self.timeout)
+            reqs = [Request(prompt, params, deadline, loop, asyncio.Queue(), id=next(self._ids)) for prompt, params in jobs]
+            self._waiting.extend(reqs)
             self._cond.notify()
-        return req
+        return reqs
 
     def cancel(self, req: Request) -> None:
         """Stop a request (client gone): its sequence is cancelled and its KV cache slot freed."""
