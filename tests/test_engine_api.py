@@ -293,6 +293,60 @@ def test_prompt_logprobs_in_chunks_and_scoring_only(llm, monkeypatch):
     assert llm.backend.engine.num_sequences() == 0
 
 
+def test_scored_prompts_share_one_chunk_of_rows_per_step(llm, monkeypatch):
+    """Every scored prompt token needs a vocabulary-sized logits row, so the scored prompts of one
+    step share PROMPT_LOGPROBS_CHUNK rows (oldest first; the others sit the step out), whatever the
+    batch size; a decoding sequence still steps each time, and every record is as when run alone."""
+    import bitllm.engine.batch as batch_mod
+
+    prompts = [[1] + list(range(40 + 7 * i, 53 + 7 * i)) for i in range(4)]  # 14 tokens each
+    solo = [llm.generate(p, max_new_tokens=2, ignore_eos=True, logprobs=1, prompt_logprobs=1) for p in prompts]
+    decoding = llm.generate([1, 2, 3], max_new_tokens=12, ignore_eos=True)
+    monkeypatch.setattr(batch_mod, "PROMPT_LOGPROBS_CHUNK", 6)
+    b = llm.batch()
+    forward, rows = b.backend.forward, []
+
+    def counted(slots, tokens, all_logits=False, last=None):
+        out = forward(slots, tokens, all_logits, last)
+        rows.append(len(out))
+        return out
+
+    monkeypatch.setattr(b.backend, "forward", counted)
+    dec = b.add([1, 2, 3], SamplingParams(max_new_tokens=12, ignore_eos=True))
+    ids = [b.add(p, SamplingParams(max_new_tokens=2, ignore_eos=True, logprobs=1, prompt_logprobs=1)) for p in prompts]
+    b.run()
+    assert max(rows) <= 6 + len(prompts)  # a chunk of scored rows + a row per other sequence (not 4 x 6 + 1)
+    assert b.seqs[dec].generated == decoding.token_ids
+    for sid, want in zip(ids, solo):
+        seq = b.seqs[sid]
+        assert seq.generated == want.token_ids
+        assert [r and r.token for r in seq.prompt_logprobs] == [r and r.token for r in want.prompt_logprobs]
+        assert [r.logprob for r in seq.prompt_logprobs[1:] + seq.logprobs] == pytest.approx(
+            [r.logprob for r in want.prompt_logprobs[1:] + want.logprobs], abs=1e-4)
+
+
+def test_token_logprobs_take_few_rows_to_float64_at_once():
+    """Records of a 256-row chunk: the same values as one float64 log-softmax over all rows, without
+    float64 copies of all of them (about 6x the fp32 logits) at once."""
+    import tracemalloc
+
+    from bitllm.engine.sampling import token_logprobs
+
+    rows = np.random.default_rng(0).normal(size=(256, 4096)).astype(np.float32) * 4  # (rows, vocab)
+    tokens = list(range(256))
+    tracemalloc.start()
+    try:
+        records = token_logprobs(rows, tokens, 2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < rows.nbytes
+    x = rows.astype(np.float64)
+    logp = x - (x.max(1, keepdims=True) + np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True)))
+    assert [r.logprob for r in records] == pytest.approx(logp[np.arange(256), tokens].tolist(), abs=1e-9)
+    assert [r.top[0][0] for r in records] == logp.argmax(1).tolist()
+
+
 @pytest.mark.parametrize("field, value", [("logprobs", -1), ("prompt_logprobs", True), ("logprobs", 1.5)])
 def test_logprobs_settings_are_checked(field, value):
     with pytest.raises(BitLLMError, match=field):

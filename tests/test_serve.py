@@ -139,6 +139,11 @@ def test_stop_sequences(llm, client):
     streamed = client.completions.create(model="tiny", prompt="In the beginning", max_tokens=24, temperature=0,
                                          stop=stop, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == want
+    # lm-eval's local-completions sends a task's whole `until` list and the EOS string (humaneval: 6)
+    until = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "</s>", stop]
+    r = client.completions.create(model="tiny", prompt="In the beginning", max_tokens=24, temperature=0, stop=until,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
 
 
 def test_sampling_seed_is_reproducible(client):
@@ -167,6 +172,22 @@ def test_completion_logprobs_are_the_engines(llm, client):
         assert 1 <= len(top) <= 3 and set(top.values()) <= {lp for _, lp in rec.top}  # two tokens may share a text
         assert max(top.values()) == pytest.approx(rec.logprob)  # greedy: the chosen token is the most likely
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+def test_completion_top_logprobs_hold_the_sampled_token(llm, client):
+    """OpenAI's (and vLLM's) completions top_logprobs always hold the position's own token too, so there
+    are up to logprobs + 1 entries: with logprobs 0 exactly the sampled token's (lm-eval reads
+    max(top.values()) at every position)."""
+    r = client.completions.create(model="tiny", prompt="the quick", max_tokens=6, temperature=1.0, seed=3,
+                                  logprobs=0, echo=True)
+    lp = r.choices[0].logprobs
+    n = len(llm.encode("the quick"))
+    assert lp.top_logprobs[0] is None and len(lp.tokens) == n + 6
+    assert lp.top_logprobs[1:] == [{t: x} for t, x in zip(lp.tokens[1:], lp.token_logprobs[1:])]
+    r = client.completions.create(model="tiny", prompt="the quick", max_tokens=6, temperature=1.0, seed=3, logprobs=1)
+    for tok, x, top in zip(r.choices[0].logprobs.tokens, r.choices[0].logprobs.token_logprobs,
+                           r.choices[0].logprobs.top_logprobs):
+        assert 1 <= len(top) <= 2 and top.get(tok, x) >= x and max(top.values()) >= x
 
 
 def test_echo_scores_the_prompt_like_loglikelihood(llm, server):
@@ -368,8 +389,46 @@ def test_malformed_requests(server, client):
         assert "roles must alternate" in err["message"] and err["param"] == "messages"
     finally:
         llm.tokenizer.chat_template = template
-    with pytest.raises(openai.BadRequestError, match="stop"):
-        client.completions.create(model="tiny", prompt="x", stop=["a", "b", "c", "d", "e"])
+    with pytest.raises(openai.BadRequestError, match="at most 16 stop"):
+        client.completions.create(model="tiny", prompt="x", stop=[f"s{i}" for i in range(17)])
+
+
+def test_too_many_choices_are_refused_before_tokenizing(llm, server, monkeypatch):
+    """A 1 MiB body holds 100k+ prompts: the prompts x n limit is checked before any is tokenized."""
+    calls = []
+    encode = llm.encode
+    monkeypatch.setattr(llm, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    err = error_of(httpx.post(server.url + "/v1/completions", json={"prompt": ["x"] * 20_000}), 400)
+    assert err["param"] == "prompt" and "at most 64" in err["message"] and calls == []
+    assert error_of(httpx.post(server.url + "/v1/completions", json={"prompt": ["x"] * 2, "n": 40}), 400)["param"] == "n"
+    assert calls == []
+
+
+def test_prompt_records_are_shaped_off_the_event_loop(server, monkeypatch):
+    """Shaping a long echoed prompt's records takes a tokenizer call per token and alternative (up to
+    21 x the context, per choice): it runs in a worker thread, and other clients are answered meanwhile."""
+    import bitllm.serve.app as app_mod
+
+    entered, token_strings = threading.Event(), app_mod.token_strings
+
+    def slow_token_strings(tok, ids, start=0, alternatives=None):
+        if start == 0:  # the prompt's
+            entered.set()
+            time.sleep(1.5)
+        return token_strings(tok, ids, start, alternatives)
+
+    monkeypatch.setattr(app_mod, "token_strings", slow_token_strings)
+    got = {}
+    scoring = threading.Thread(target=lambda: got.setdefault("r", httpx.post(
+        server.url + "/v1/completions", json={"prompt": "the quick", "max_tokens": 0, "echo": True, "logprobs": 1},
+        timeout=30)))
+    scoring.start()
+    try:
+        assert entered.wait(10)
+        assert httpx.get(server.url + "/health", timeout=0.75).status_code == 200
+    finally:
+        scoring.join(30)
+    assert got["r"].status_code == 200 and got["r"].json()["choices"][0]["logprobs"]["tokens"]
 
 
 def test_null_means_not_given(server):
@@ -550,6 +609,12 @@ def test_request_timeout(llm, slow):
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 200, "ignore_eos": True})
         assert error_of(r, 504)["type"] == "timeout"
         assert metric(s.url, "bitllm_timeouts_total") == 1 and s.engine.kv_sequences() == 0
+        # n choices time out together: each is a timeout, none a cancellation (no client went away)
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 200, "ignore_eos": True, "n": 3})
+        assert error_of(r, 504)["type"] == "timeout"
+        time.sleep(0.3)  # the handler's cancels of the other choices reach the engine loop
+        assert metric(s.url, "bitllm_timeouts_total") == 4 and metric(s.url, "bitllm_cancelled_total") == 0
+        assert s.engine.kv_sequences() == 0
 
 
 # --- sampling edge cases, metrics, CORS ------------------------------------------------------------
@@ -565,6 +630,18 @@ def test_top_p_zero_is_greedy(llm, server):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == want
     assert error_of(httpx.post(server.url + "/v1/completions", json={"prompt": "x", "top_p": -0.1}), 400)["param"] == "top_p"
+
+
+def test_scoring_steps_generate_no_tokens(llm):
+    """Steps that only score a prompt (echo + logprobs, max_tokens 0) generate nothing: they count in
+    the batch-size histogram, not in the generated tokens or the tokens-per-second rate."""
+    with Server(llm, ServeConfig(model_name="tiny")) as s:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": [[1, 5, 6, 7]] * 3, "max_tokens": 0, "echo": True,
+                                                        "logprobs": 1})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 0
+        assert metric(s.url, "bitllm_batch_size_sum") == 3
+        assert metric(s.url, "bitllm_completion_tokens_total") == 0
+        assert metric(s.url, "bitllm_tokens_per_second") == 0
 
 
 def test_tokens_per_second_over_the_window():

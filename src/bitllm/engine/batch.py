@@ -16,8 +16,9 @@ import numpy as np
 from bitllm.engine.sampling import SamplingParams, TokenLogprob, sample, token_logprobs
 from bitllm.errors import BitLLMError
 
-# Prompt tokens fed per step to a sequence that records its prompt's log-probabilities: every fed
-# token then needs its logits row (vocab floats), so a long prompt goes in chunks of this many.
+# Prompt tokens fed per step to the sequences that record their prompt's log-probabilities, all of
+# them together: every such token needs its logits row (vocab floats; 256 rows of a 128k vocabulary
+# are 128 MiB), so long prompts go in chunks and several scored prompts take turns (oldest first).
 PROMPT_LOGPROBS_CHUNK = 256
 
 
@@ -129,14 +130,23 @@ class Batch:
     # -- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[StepEvent]:
-        """One forward over every live sequence; sample one token for each (a sequence that records
-        its prompt's log-probabilities gets its prompt in chunks first). Returns what happened."""
-        live = self.live
+        """One forward over the live sequences; sample one token for each (sequences that record
+        their prompt's log-probabilities get their prompts in chunks first, PROMPT_LOGPROBS_CHUNK tokens
+        per step between them: one left without any sits the step out). Returns what happened."""
+        # a scoring prefill feeds a chunk and wants a logits row per fed token; the rest want one row
+        live, feeds, budget = [], [], PROMPT_LOGPROBS_CHUNK
+        for s in self.live:
+            feed = s.pending
+            if self._scoring(s):
+                if not budget:
+                    continue  # the scored prompts before it took this step's rows
+                feed = feed[:budget]
+                budget -= len(feed)
+            live.append(s)
+            feeds.append(feed)
         if not live:
             return []
-        # a scoring prefill feeds a chunk and wants a logits row per fed token; the rest want one row
-        scoring = [s.params.prompt_logprobs is not None and s.fed < len(s.prompt) for s in live]
-        feeds = [s.pending[:PROMPT_LOGPROBS_CHUNK] if sc else s.pending for s, sc in zip(live, scoring)]
+        scoring = [self._scoring(s) for s in live]
         rows = [len(f) if sc else 1 for f, sc in zip(feeds, scoring)]
         prefill = sum(len(f) for s, f in zip(live, feeds) if s.fed < len(s.prompt))
         t0 = time.perf_counter()
@@ -178,6 +188,11 @@ class Batch:
             self.stats["decode_tokens"] += len(live)
             self.stats["decode_s"] += dt
         return events
+
+    @staticmethod
+    def _scoring(seq: Sequence) -> bool:
+        """Still feeding a prompt whose log-probabilities it records."""
+        return seq.params.prompt_logprobs is not None and seq.fed < len(seq.prompt)
 
     @staticmethod
     def _record_prompt_logprobs(seq: Sequence, block: np.ndarray) -> None:

@@ -71,20 +71,26 @@ def log_normalizer(logits: np.ndarray) -> np.ndarray:
     return (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[..., 0]
 
 
+# Logits rows taken to float64 at once: all 256 rows of a scored prompt chunk would cost about 6x
+# their fp32 size in copies (the float64 rows, their shifted copy and its exp).
+LOGPROB_ROWS = 32
+
+
 def token_logprobs(rows: np.ndarray, tokens, top_n: int) -> list[TokenLogprob]:
     """For each row of logits (r, vocab) and the token that followed it: its log-probability and the
     `top_n` most likely tokens' (most likely first)."""
-    x = np.asarray(rows, dtype=np.float64)
-    lse = log_normalizer(x)
-    top_n = min(int(top_n), x.shape[-1])
+    top_n = min(int(top_n), np.shape(rows)[-1])
     out = []
-    for i, t in enumerate(tokens):
-        top: list[tuple[int, float]] = []
-        if top_n:
-            cand = np.argpartition(-x[i], top_n - 1)[:top_n]
-            cand = cand[np.lexsort((cand, -x[i, cand]))]
-            top = [(int(j), float(x[i, j] - lse[i])) for j in cand]
-        out.append(TokenLogprob(int(t), float(x[i, int(t)] - lse[i]), top))
+    for b in range(0, len(tokens), LOGPROB_ROWS):
+        x = np.asarray(rows[b: b + LOGPROB_ROWS], dtype=np.float64)  # (≤ LOGPROB_ROWS, vocab)
+        lse = log_normalizer(x)
+        for i, t in enumerate(tokens[b: b + LOGPROB_ROWS]):
+            top: list[tuple[int, float]] = []
+            if top_n:
+                cand = np.argpartition(-x[i], top_n - 1)[:top_n]
+                cand = cand[np.lexsort((cand, -x[i, cand]))]
+                top = [(int(j), float(x[i, j] - lse[i])) for j in cand]
+            out.append(TokenLogprob(int(t), float(x[i, int(t)] - lse[i]), top))
     return out
 
 

@@ -183,7 +183,9 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
     async def completions(body: P.CompletionRequest, request: Request):
         body.unsupported()
         prompts = []  # (ids, echoed text)
-        for p in body.prompts():
+        texts = body.prompts()
+        _check_choices(len(texts), body.n, "prompt")  # before tokenizing: a 1 MiB body holds 100k+ prompts
+        for p in texts:
             ids = llm.encode(p)
             prompts.append((ids, (p if isinstance(p, str) else llm.decode(ids)) if body.echo else None))
         return await _answer(request, body, prompts, body.max_tokens, chat=False, logprobs=body.logprobs)
@@ -204,14 +206,17 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
         return await _answer(request, body, [(ids, None)], limit, chat=True, param=param, extra_stop=turn_end,
                              logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
+    def _check_choices(prompts: int, n: int, where: str) -> None:
+        if prompts * n > cfg.max_queue:
+            raise P.ApiError(400, f"{prompts} prompt(s) x n = {n} is {prompts * n} choices; this server takes at "
+                             f"most {cfg.max_queue} per request", param="n" if n > 1 else where)
+
     async def _answer(request: Request, body: P._Sampling, prompts: list[tuple[list[int], str | None]],
                       max_tokens: int | None, chat: bool, param: str = "max_tokens", extra_stop: tuple[str, ...] = (),
                       logprobs: int | None = None):
         """Every prompt x `n` choices become sequences of the running batch (choice index p * n + j)."""
         where = "messages" if chat else "prompt"
-        if len(prompts) * body.n > cfg.max_queue:
-            raise P.ApiError(400, f"{len(prompts)} prompt(s) x n = {body.n} is {len(prompts) * body.n} choices; this "
-                             f"server takes at most {cfg.max_queue} per request", param="n" if body.n > 1 else where)
+        _check_choices(len(prompts), body.n, where)
         engine: EngineLoop = app.state.engine
         jobs, choices = [], []  # (ids, params) per choice; (echo, logprob shaper) per choice
         for ids, echo in prompts:
@@ -275,6 +280,8 @@ class _Logprobs:
         return out
 
     def prompt(self, records: list) -> list[tuple]:
+        """The prompt's positions: a tokenizer call per token and alternative (up to 21 x the context),
+        so the handlers run it in a worker thread, never on the event loop."""
         return self._positions(self.prompt_ids, 0, records, 0)
 
     def generated(self, records: list) -> list[tuple]:
@@ -352,7 +359,7 @@ class _Answer:
                     continue
                 echo, lp = self.choices[i]
                 if ev.kind == "prompt":
-                    prompt_pos[i] = lp.prompt(ev.logprobs)
+                    prompt_pos[i] = await asyncio.to_thread(lp.prompt, ev.logprobs)
                 elif ev.kind == "text":
                     parts[i].append(ev.text)
                     if lp is not None:
@@ -390,7 +397,8 @@ class _Answer:
                 (i, ev), held = held or await self.merged.get(), None
                 echo, lp = self.choices[i]
                 if ev.kind == "prompt":
-                    yield json.dumps(chunk(self.id, self.model, echo, None, lp.shape(lp.prompt(ev.logprobs)), index=i))
+                    positions = await asyncio.to_thread(lp.prompt, ev.logprobs)
+                    yield json.dumps(chunk(self.id, self.model, echo, None, lp.shape(positions), index=i))
                 elif ev.kind == "text":
                     text, records = ev.text, list(ev.logprobs)
                     while not self.merged.empty():  # a slow reader gets the pieces that piled up as one chunk

@@ -50,6 +50,9 @@ class StreamOptions(_Nullable):
     include_usage: bool = False
 
 
+MAX_STOP = 16  # stop strings per request: OpenAI takes 4, but lm-eval sends a task's whole `until` list (5-6)
+
+
 class _Sampling(_Nullable):
     """Fields shared by both endpoints. Unknown fields (e.g. `user`) are accepted and ignored;
     known ones that would change the answer are refused in `unsupported`."""
@@ -80,8 +83,8 @@ class _Sampling(_Nullable):
     @classmethod
     def _stop(cls, v):
         stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
@@ -228,7 +231,8 @@ def chat_chunk(id_: str, model: str, delta: dict[str, str], finish_reason: str |
 
 
 def completion_logprobs(positions: list[tuple]) -> dict[str, list]:
-    """The legacy completions shape: tokens, token_logprobs, top_logprobs ({text: logprob}), text_offset."""
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs ({text: logprob}), text_offset.
+    As OpenAI's (and vLLM's), top_logprobs holds the position's own token too: up to logprobs + 1 entries."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for piece, rec, alts, offset in positions:
         top = None
@@ -236,6 +240,7 @@ def completion_logprobs(positions: list[tuple]) -> dict[str, list]:
             top = {}
             for a, (_, lp) in zip(alts, rec.top):
                 top.setdefault(a, lp)
+            top.setdefault(piece, rec.logprob)
         out["tokens"].append(piece)
         out["token_logprobs"].append(None if rec is None else rec.logprob)
         out["top_logprobs"].append(top)

@@ -59,6 +59,7 @@ class Request:
     submitted: float = field(default_factory=time.monotonic)
     logprobs_sent: int = 0  # generated tokens whose records went out
     prompt_sent: bool = False  # the prompt's records went out
+    ended: bool = False  # its last event ("done" or "error") went out: a later cancel is not a cancellation
 
 
 
@@ -93,7 +94,9 @@ class Metrics:
         with self.lock:
             self.requests[(endpoint, status)] += 1
 
-    def step(self, size: int, seconds: float) -> None:
+    def step(self, size: int, seconds: float, tokens: int | None = None) -> None:
+        """One engine step of `size` sequences that generated `tokens` tokens (default: one each; a
+        step that only fed part of a long scored prompt generates none)."""
         now = self.clock()
         with self.lock:
             if self.first_step is None:
@@ -102,7 +105,7 @@ class Metrics:
             self.step_seconds += seconds
             self.batch_sum += size
             self.batch_hist[next((i for i, b in enumerate(self.BUCKETS) if size <= b), len(self.BUCKETS))] += 1
-            self.recent.append((now, size))
+            self.recent.append((now, size if tokens is None else tokens))
             while self.recent and self.recent[0][0] <= now - self.WINDOW:
                 self.recent.popleft()
 
@@ -268,6 +271,7 @@ class EngineLoop:
         self._flush()
 
     def _push(self, req: Request, event: Event) -> None:
+        req.ended = req.ended or event.kind in ("done", "error")
         self._outbox.append((req, event))
 
     def _flush(self) -> None:
@@ -286,6 +290,8 @@ class EngineLoop:
 
     def _housekeep(self, cancels: list[Request], admit: list[Request], expired: list[Request]) -> None:
         for req in cancels:
+            if req.ended:  # finished, failed or timed out before the cancel came (a sibling choice's)
+                continue
             if req.seq_id is not None and req.seq_id in self._live:
                 self._forget(req)
             with self.metrics.lock:
@@ -323,9 +329,10 @@ class EngineLoop:
     def _step(self) -> None:
         t0 = time.perf_counter()
         events = self.batch.step()  # one batched forward over every live sequence
-        self.metrics.step(len(events), time.perf_counter() - t0)
-        with self.metrics.lock:  # a step that only fed part of a long scored prompt made no token
-            self.metrics.completion_tokens += sum(ev.token is not None for ev in events)
+        made = sum(ev.token is not None for ev in events)  # a step that only fed part of a scored prompt made none
+        self.metrics.step(len(events), time.perf_counter() - t0, made)
+        with self.metrics.lock:
+            self.metrics.completion_tokens += made
         for ev in events:
             req = self._live.get(ev.seq_id)
             if req is not None:
