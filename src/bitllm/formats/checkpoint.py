@@ -422,4 +422,7 @@ def from_pretrained(
     if missing:
         raise FormatError(f"{directory}: tensors missing from the checkpoint: {missing[:5]}")
     model.bitllm_source = {"path": str(directory), "quantization_config": qc}
+    for m in model.modules():  # the kernels' own layout now, not at the first forward (torch.compile needs it)
+        if isinstance(m, PackedLinear):
+            m.prepare()
     return model.eval()

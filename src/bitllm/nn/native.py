@@ -30,6 +30,11 @@ def available() -> bool:
 def _kernel_state(layer):
     """(PackedWeight, wscale (N,), bias or None), built on first use and cached on the layer."""
     if layer._kernel_weight is None:
+        if torch.compiler.is_compiling():  # repacking is not a graph op: it must have happened before
+            raise RuntimeError(
+                "PackedLinear: its kernel-layout weights are not built; call layer.prepare() (bitllm's "
+                "from_pretrained does, .to() and load_state_dict undo it) or run the model once before torch.compile"
+            )
         from bitllm import kernels
         from bitllm.formats.packing import unpack
 
@@ -43,6 +48,30 @@ def _kernel_state(layer):
     return layer._kernel_weight
 
 
+@torch.library.custom_op("bitllm::packed_linear", mutates_args=())
+def packed_linear_op(data: torch.Tensor, fmt: str, n: int, k: int, a8: bool, x: torch.Tensor, wscale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernels as a PyTorch operator (what torch.compile / torch.export see): data is a
+    PackedWeight's kernel-layout bytes; (M, k) fp32 x -> (M, n) fp32."""
+    from bitllm import kernels
+
+    packed = kernels.PackedWeight(kernels.KernelFormat(fmt), n, k, data)
+    return (kernels.linear_a8 if a8 else kernels.linear_f32)(packed, x, wscale, bias)
+
+
+@packed_linear_op.register_fake
+def _packed_linear_shape(data, fmt, n, k, a8, x, wscale, bias):
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+def _linear(packed, a8: bool, x: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # the kernels write through raw pointers: a graph sees them as one op
+        return packed_linear_op(packed.data, packed.fmt.value, packed.N, packed.K, a8, x, wscale, bias)
+    from bitllm import kernels  # eager: straight to the kernels (no dispatcher hop per layer)
+
+    return (kernels.linear_a8 if a8 else kernels.linear_f32)(packed, x, wscale, bias)
+
+
 def packed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """PackedLinear.forward through the kernels; same formulas as forward_reference.
 
@@ -51,20 +80,18 @@ def packed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """
     if torch.is_grad_enabled() and x.requires_grad:
         return layer.forward_reference(x)
-    from bitllm import kernels
-
     dtype, lead = x.dtype, x.shape[:-1]
     if layer.rms_norm is not None:
         x = layer.rms_norm(x)
     x2 = x.reshape(-1, layer.in_features).float().contiguous()  # (M, K)
     packed, wscale, bias = _kernel_state(layer)
     if layer.int8_activations:
-        y = kernels.linear_a8(packed, x2, wscale, bias)
+        y = _linear(packed, True, x2, wscale, bias)
     elif layer.method is Method.ONEBIT:
-        y = kernels.linear_f32(packed, (x2 * layer.input_factor).contiguous(), wscale, None)
+        y = _linear(packed, False, (x2 * layer.input_factor).contiguous(), wscale, None)
         y = F.layer_norm(y, (layer.out_features,), eps=layer.ln_eps)
         if bias is not None:
             y = y + bias
     else:
-        y = kernels.linear_f32(packed, x2, wscale, bias)
+        y = _linear(packed, False, x2, wscale, bias)
     return y.reshape(*lead, layer.out_features).to(dtype)

@@ -162,15 +162,36 @@ class PackedLinear(nn.Module):
             self._int_weight = unpack(self.fmt, self.weight, (self.out_features, self.in_features))
         return self._int_weight
 
+    def prepare(self) -> "PackedLinear":
+        """Build now what the forward pass would build at its first call: the kernel-layout weights
+        when the native kernels run it (not in BITLLM_KERNEL=reference mode). torch.compile and
+        torch.export need them built beforehand: repacking is not a graph op. Returns self."""
+        if kernel_mode() != "reference" and self.weight.device.type == "cpu" and not self.weight.is_meta:
+            from bitllm.nn import native
+
+            if native.available():
+                native._kernel_state(self)
+        return self
+
+    # New buffers make the caches stale; kernel weights that were built are rebuilt at once (a
+    # prepared layer stays prepared for torch.compile), the reference cache at its next use.
     def _load_from_state_dict(self, *args, **kwargs):
+        prepared = self._kernel_weight is not None
         self._int_weight = None
         self._kernel_weight = None
-        return super()._load_from_state_dict(*args, **kwargs)
+        out = super()._load_from_state_dict(*args, **kwargs)
+        if prepared:
+            self.prepare()
+        return out
 
     def _apply(self, *args, **kwargs):  # .to(), .half(), .cuda() change the buffers the caches were built from
+        prepared = self._kernel_weight is not None
         self._int_weight = None
         self._kernel_weight = None
-        return super()._apply(*args, **kwargs)
+        out = super()._apply(*args, **kwargs)
+        if prepared:
+            self.prepare()
+        return out
 
     @property
     def int8_activations(self) -> bool:
