@@ -134,19 +134,19 @@ class Batch:
         their prompt's log-probabilities get their prompts in chunks first, PROMPT_LOGPROBS_CHUNK tokens
         per step between them: one left without any sits the step out). Returns what happened."""
         # a scoring prefill feeds a chunk and wants a logits row per fed token; the rest want one row
-        live, feeds, budget = [], [], PROMPT_LOGPROBS_CHUNK
+        live, feeds, scoring, budget = [], [], [], PROMPT_LOGPROBS_CHUNK
         for s in self.live:
-            feed = s.pending
-            if self._scoring(s):
+            feed, sc = s.pending, self._scoring(s)
+            if sc:
                 if not budget:
                     continue  # the scored prompts before it took this step's rows
                 feed = feed[:budget]
                 budget -= len(feed)
             live.append(s)
             feeds.append(feed)
+            scoring.append(sc)
         if not live:
             return []
-        scoring = [self._scoring(s) for s in live]
         rows = [len(f) if sc else 1 for f, sc in zip(feeds, scoring)]
         prefill = sum(len(f) for s, f in zip(live, feeds) if s.fed < len(s.prompt))
         t0 = time.perf_counter()

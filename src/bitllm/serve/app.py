@@ -270,25 +270,26 @@ class _Logprobs:
         self.ids: list[int] = []  # generated tokens so far: the context of the next pieces
         self.width = 0  # characters of completion text the pieces so far cover
 
-    def _positions(self, ids: list[int], start: int, records: list, at: int) -> list[tuple]:
+    def _positions(self, ids: list[int], start: int, records: list, at: int) -> tuple[list[tuple], int]:
+        """The positions of ids[start:] (their pieces start at offset `at`) and the offset after them."""
         alts = [[t for t, _ in r.top] if r is not None else [] for r in records]
         pieces, alt_pieces = token_strings(self.tok, ids, start, alts)
         out = []
         for piece, rec, alt, n in zip(pieces, records, alt_pieces, visible_lengths(self.tok, ids[start:], pieces)):
             out.append((piece, rec, alt, at))
             at += n
-        return out
+        return out, at
 
     def prompt(self, records: list) -> list[tuple]:
         """The prompt's positions: a tokenizer call per token and alternative (up to 21 x the context),
         so the handlers run it in a worker thread, never on the event loop."""
-        return self._positions(self.prompt_ids, 0, records, 0)
+        return self._positions(self.prompt_ids, 0, records, 0)[0]
 
     def generated(self, records: list) -> list[tuple]:
         start = len(self.ids)
         self.ids += [r.token for r in records]
-        out = self._positions(self.ids, start, records, self.start + self.width)
-        self.width += sum(visible_lengths(self.tok, self.ids[start:], [p for p, *_ in out]))
+        out, end = self._positions(self.ids, start, records, self.start + self.width)
+        self.width = end - self.start
         return out
 
     def trim(self, positions: list[tuple], text_len: int) -> list[tuple]:
