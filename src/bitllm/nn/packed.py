@@ -173,25 +173,23 @@ class PackedLinear(nn.Module):
                 native._kernel_state(self)
         return self
 
-    # New buffers make the caches stale; kernel weights that were built are rebuilt at once (a
-    # prepared layer stays prepared for torch.compile), the reference cache at its next use.
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _with_new_buffers(self, change, *args, **kwargs):
+        """Run `change` (which replaces buffers): the caches built from the old ones are dropped; kernel
+        weights that were built are rebuilt at once (a prepared layer stays prepared for torch.compile),
+        the reference cache at its next use."""
         prepared = self._kernel_weight is not None
         self._int_weight = None
         self._kernel_weight = None
-        out = super()._load_from_state_dict(*args, **kwargs)
+        out = change(*args, **kwargs)
         if prepared:
             self.prepare()
         return out
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        return self._with_new_buffers(super()._load_from_state_dict, *args, **kwargs)
+
     def _apply(self, *args, **kwargs):  # .to(), .half(), .cuda() change the buffers the caches were built from
-        prepared = self._kernel_weight is not None
-        self._int_weight = None
-        self._kernel_weight = None
-        out = super()._apply(*args, **kwargs)
-        if prepared:
-            self.prepare()
-        return out
+        return self._with_new_buffers(super()._apply, *args, **kwargs)
 
     @property
     def int8_activations(self) -> bool:
