@@ -55,8 +55,7 @@ def packed_linear_op(data: torch.Tensor, fmt: str, n: int, k: int, a8: bool, x: 
     PackedWeight's kernel-layout bytes; (M, k) fp32 x -> (M, n) fp32."""
     from bitllm import kernels
 
-    packed = kernels.PackedWeight(kernels.KernelFormat(fmt), n, k, data)
-    return (kernels.linear_a8 if a8 else kernels.linear_f32)(packed, x, wscale, bias)
+    return _linear(kernels.PackedWeight(kernels.KernelFormat(fmt), n, k, data), a8, x, wscale, bias)
 
 
 @packed_linear_op.register_fake

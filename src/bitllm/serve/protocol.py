@@ -3,8 +3,8 @@
 Reference: https://platform.openai.com/docs/api-reference (completions, chat, errors). Fields that
 bitllm does not implement (penalties, tools, response formats, logit bias, suffix, best_of) are
 refused with a 400 that names them, never silently ignored. Several prompts in one completions
-request, and `n` choices per prompt, are separate sequences of the running batch. `null` means "not given", as in
-OpenAI's API. Log-probabilities (`logprobs`, chat's `top_logprobs`) are the model's own
+request, and `n` choices per prompt, are separate sequences of the running batch. `null` means
+"not given", as in OpenAI's API. Log-probabilities (`logprobs`, chat's `top_logprobs`) are the model's own
 (log-softmax of its logits, before temperature and top-k/top-p), as in vLLM; `echo` with `logprobs`
 scores the prompt too (lm-eval's `local-completions` log-likelihood requests).
 """

@@ -1,9 +1,9 @@
 """The engine loop: one thread owns the model's running `Batch` and decodes every active request in
 one batched step (continuous batching: requests join and leave between steps).
 
-The async web handlers never touch the Batch. They `submit` a request (answered at once with
-`QueueFull` when the waiting queue is full), read its events from an asyncio queue, and `cancel` it
-when the client goes away. The loop thread admits waiting requests, cancels what was asked, drops
+The async web handlers never touch the Batch. They `submit_many` a request's sequences (its
+prompts and choices; answered at once with `QueueFull` when the waiting queue cannot take them
+all), read their events from asyncio queues, and `cancel` them when the client goes away. The loop thread admits waiting requests, cancels what was asked, drops
 requests past their deadline, calls `Batch.step()` once, and forwards each step's text pieces.
 """
 
@@ -183,13 +183,10 @@ class EngineLoop:
             self._cond.notify()
         self._thread.join(timeout=30)
 
-    def submit(self, prompt: list[int], params: SamplingParams, timeout: float | None = None) -> Request:
-        """Queue a request; its events arrive on `request.events`. Raises QueueFull."""
-        return self.submit_many([(prompt, params)], timeout)[0]
-
     def submit_many(self, jobs: list[tuple[list[int], SamplingParams]], timeout: float | None = None) -> list[Request]:
         """Queue several sequences at once (one HTTP request's prompts and choices): all of them, or
-        none and QueueFull when the queue cannot take them all."""
+        none and QueueFull when the queue cannot take them all. Each one's events arrive on its
+        `request.events`."""
         loop = asyncio.get_running_loop()
         with self._cond:
             if len(self._waiting) + len(jobs) > self.max_queue:
