@@ -398,9 +398,9 @@ void pack(Format f, const int8_t* w, int64_t N, int64_t K, uint8_t* out) {
                         uint8_t* blk = o + (int64_t)sizeof(BlockT1) * b;
                         for (int g = 0; g < 16; ++g) {
                             const uint8_t* c = &codes[kT1Weights * b + 3 * g];
-                            const int v = c[0] + 3 * c[1] + 9 * c[2];
-                            blk[2 * (g >> 2) + (g & 1)] |= uint8_t((v & 15) << (4 * ((g >> 1) & 1)));
-                            blk[8 + (g & 1)] |= uint8_t((v >> 4) << (g >> 1));
+                            const int x = t1_code_of(c[0] + 3 * c[1] + 9 * c[2]);  // sign-folded
+                            blk[2 * (g >> 2) + (g & 1)] |= uint8_t((x & 15) << (4 * ((g >> 1) & 1)));
+                            blk[8 + (g & 1)] |= uint8_t((x >> 4) << (g >> 1));
                         }
                     }
                     break;

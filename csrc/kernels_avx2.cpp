@@ -60,8 +60,8 @@ struct Fmt<Format::I2> {
 // ============================================================================================
 
 // One T1 block (10 bytes, row order) -> its 48 codes. The 16 group codes come out in group order
-// from (low nibbles, high nibbles) interleaved by 16-bit pairs plus the high bits selected per group;
-// each code's 3 base-3 digits are two 16-entry table lookups (code < 16 or not), then the three
+// from (low nibbles, high nibbles) interleaved by 16-bit pairs plus the sign bits selected per group;
+// each code's 3 base-3 digits are two 16-entry table lookups (sign bit clear or set), then the three
 // digit vectors are interleaved to column order 3g + j.
 inline void t1_block_codes(const uint8_t* blk, uint8_t* c) {
     uint64_t nib8;
@@ -493,23 +493,26 @@ void b1_lut_tiles(const PackedView& w, const A8Acts& a, const float* wscale, con
 
 
 // ============================================================================================
-// T1 LUT: 27-entry tables of sums of 3 activations
+// T1 LUT: sign-folded tables of sums of 3 activations
 // ============================================================================================
-// A group of 3 columns has one of 27 codes v = c0 + 3·c1 + 9·c2 (c = w+1), so Σ c·q over the group
-// is one of 27 sums of its 3 activations (|T| <= 768, int16; the offset Σq is removed once per row
-// at the end, as for I2). Two 16-entry tables, TA (v = 0..15) and TB (v = 16..26), each as low and
-// high bytes, are looked up with the nibble of v; its high bit, stored apart, picks TA or TB per
-// byte (blendv, whose mask is the high-bit byte shifted so that the index vector's bit is bit 7).
-// Per 96 weight-rows (16 rows x 2 groups): 1.5 ops for the nibbles, 1 shift, 4 pshufb, 2 blendv,
-// 2 unpacks, 2 adds. Tables per 48-column block: 8 index vectors x [TA low | TA high | TB low |
-// TB high] x 32 bytes (lane 0: group 2i, lane 1: group 2i+1) = 1 KB, so the kernel walks K in
-// chunks of kT1ChunkBlocks blocks (16 KB of tables, in L1) and, inside a chunk, every tile of its
-// rows — which the layout stores one after another (kernels_internal.h).
-constexpr int kT1LutGroup = 5;  // blocks per int16 run: 8 lookups of |T| <= 768 per block, 40·768 < 2^15
+// A group of 3 columns has a 5-bit code: a magnitude index i (nibble, 0..13) and a sign bit s, for
+// the pattern w or its negation -w (kernels_internal.h, BlockT1). Σ w·q over the group is E[i] or
+// -E[i], E[i] = Σ w·q of the pattern v = 13 + i, so one 16-entry table per group (|E| <= 384,
+// int16) serves all 27 patterns: its low and high bytes are two pshufb tables. The sign is applied
+// as a byte XOR with the group's 0x00/0xFF mask on both looked-up bytes, which turns the int16 E
+// into ~E = -E - 1; the -1s are undone by adding, per row, the number of set sign bits (a pshufb
+// popcount of the tile-block's two sign-bit bytes). So Σ w·q needs no offset, and per 96
+// weight-rows (16 rows x 2 groups): 1.5 ops for the nibbles, 2 for the mask (shift, compare), 2
+// pshufb, 2 XOR, 2 unpacks, 2 adds. (The earlier form, 27-entry c-sums as two 16-entry halves
+// picked by blendv, needed 4 pshufb and 2 blendv instead: 55 against 74-81 G weight-rows/s per core
+// in a microbenchmark on the session-8 Zen 3.) Tables per 48-column block: 8 index vectors x [low
+// bytes | high bytes] x 32 bytes (lane 0: group 2i, lane 1: group 2i+1) = 512 bytes, so a K chunk's
+// (kT1ChunkBlocks blocks, 8 KB) stay in L1 while every tile of its rows walks them.
+constexpr int kT1LutGroup = 8;  // blocks per int16 run: 8 lookups of |~E| <= 385 + 8 sign bits per block, 8·3088 < 2^15
 constexpr int64_t kT1LutPrefetch = 2048;
 
 struct T1Coef {
-    __m256i c01[4], c2[4];  // maddubs weights of (a, b) and (c, 0) for the entries e = 8k .. 8k+7
+    __m256i c01[4], c2[4];  // maddubs weights of (a, b) and (c, 0): digits c of the codes 8k .. 8k+7
 };
 inline const T1Coef& t1_coef() {
     static const T1Coef kCoef = [] {
@@ -517,9 +520,9 @@ inline const T1Coef& t1_coef() {
         alignas(32) int8_t x[32], y[32];
         for (int k = 0; k < 4; ++k) {
             for (int j = 0; j < 32; j += 2) {
-                const int e = 8 * k + (j & 15) / 2;  // entries e >= 27 are never looked up
-                x[j] = int8_t(e % 3), x[j + 1] = int8_t(e / 3 % 3);
-                y[j] = int8_t(e / 9), y[j + 1] = 0;
+                const int e = 8 * k + (j & 15) / 2;  // the 5-bit code; its pattern's digits
+                x[j] = int8_t(kT1Digits.d[0][e]), x[j + 1] = int8_t(kT1Digits.d[1][e]);
+                y[j] = int8_t(kT1Digits.d[2][e]), y[j + 1] = 0;
             }
             t.c01[k] = _mm256_load_si256((const __m256i*)x);
             t.c2[k] = _mm256_load_si256((const __m256i*)y);
@@ -531,33 +534,42 @@ inline const T1Coef& t1_coef() {
 
 }  // namespace
 
-// Tables of one activation row (qp: Kp bytes plus 16 readable ones) for nb blocks, 1 KB per
-// block, in the AVX2 kernel's order or (avx512) the AVX-512 VBMI kernel's (kernels_avx512.cpp).
+// Tables of one activation row (qp: Kp bytes plus 16 readable ones) for nb blocks: the AVX2
+// kernel's sign-folded w-sums (512 bytes per block) or (avx512) the AVX-512 VBMI kernel's c-sums of
+// all 32 codes (1 KB per block, kernels_avx512.cpp).
 void t1_build_tables(const int8_t* qp, int64_t nb, uint8_t* lut, bool avx512) {
     const T1Coef& k = t1_coef();
     const __m256i ab = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
                                         3, 4, 3, 4, 3, 4, 3, 4, 3, 4, 3, 4, 3, 4, 3, 4);
     const __m256i cz = _mm256_setr_epi8(2, -128, 2, -128, 2, -128, 2, -128, 2, -128, 2, -128, 2, -128, 2, -128,
                                         5, -128, 5, -128, 5, -128, 5, -128, 5, -128, 5, -128, 5, -128, 5, -128);
-    const __m256i lo8 = _mm256_set1_epi16(0x00FF);
+    const __m256i lo8 = _mm256_set1_epi16(0x00FF), ones = _mm256_set1_epi8(1);
+    const int64_t block_bytes = t1_lut_block_bytes(avx512);
     for (int64_t b = 0; b < nb; ++b)
         for (int i = 0; i < 8; ++i) {
             const __m256i qb =
                 _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(qp + kT1Weights * b + 6 * i)));
             const __m256i pab = _mm256_shuffle_epi8(qb, ab), pcz = _mm256_shuffle_epi8(qb, cz);
+            uint8_t* blk = lut + block_bytes * b;
+            if (!avx512) {  // E = Σ c·q - Σq of the codes 0..15 (sign bit clear), [low | high] bytes
+                const __m256i gsum = _mm256_add_epi16(_mm256_maddubs_epi16(ones, pab), _mm256_maddubs_epi16(ones, pcz));
+                __m256i e[2];
+                for (int j = 0; j < 2; ++j)
+                    e[j] = _mm256_sub_epi16(
+                        _mm256_add_epi16(_mm256_maddubs_epi16(k.c01[j], pab), _mm256_maddubs_epi16(k.c2[j], pcz)), gsum);
+                _mm256_store_si256((__m256i*)(blk + 64 * i),
+                                   _mm256_packus_epi16(_mm256_and_si256(e[0], lo8), _mm256_and_si256(e[1], lo8)));
+                _mm256_store_si256((__m256i*)(blk + 64 * i + 32),
+                                   _mm256_packs_epi16(_mm256_srai_epi16(e[0], 8), _mm256_srai_epi16(e[1], 8)));
+                continue;
+            }
             __m256i e[4];
             for (int j = 0; j < 4; ++j)
                 e[j] = _mm256_add_epi16(_mm256_maddubs_epi16(k.c01[j], pab), _mm256_maddubs_epi16(k.c2[j], pcz));
-            uint8_t* blk = lut + kT1LutBlockBytes * b;
-            for (int h = 0; h < 2; ++h) {  // TA from entries 0..15, TB from 16..31
+            for (int h = 0; h < 2; ++h) {  // entries 0..15, then 16..31
                 const __m256i lo = _mm256_packus_epi16(_mm256_and_si256(e[2 * h], lo8), _mm256_and_si256(e[2 * h + 1], lo8));
                 const __m256i hi = _mm256_packs_epi16(_mm256_srai_epi16(e[2 * h], 8), _mm256_srai_epi16(e[2 * h + 1], 8));
-                if (!avx512) {  // [TA low | TA high | TB low | TB high] per index vector, lane = group parity
-                    _mm256_store_si256((__m256i*)(blk + 128 * i + 64 * h), lo);
-                    _mm256_store_si256((__m256i*)(blk + 128 * i + 64 * h + 32), hi);
-                    continue;
-                }
-                for (int l = 0; l < 2; ++l) {  // group g = 2i + l: its 32 entries at t1_avx512_entry()
+                for (int l = 0; l < 2; ++l) {  // group g = 2i + l: its 32 entries at t1_avx512_table_offset()
                     uint8_t* d = blk + t1_avx512_table_offset(2 * i + l) + 16 * h;
                     _mm_store_si128((__m128i*)d, l ? _mm256_extracti128_si256(lo, 1) : _mm256_castsi256_si128(lo));
                     _mm_store_si128((__m128i*)(d + 128), l ? _mm256_extracti128_si256(hi, 1) : _mm256_castsi256_si128(hi));
@@ -568,43 +580,53 @@ void t1_build_tables(const int8_t* qp, int64_t nb, uint8_t* lut, bool avx512) {
 
 namespace {
 
-inline void t1_lookup(__m256i nib, __m256i msk, const uint8_t* tb, __m256i& a0, __m256i& a1) {
-    const __m256i l = _mm256_blendv_epi8(_mm256_shuffle_epi8(load(tb), nib), _mm256_shuffle_epi8(load(tb + 64), nib), msk);
-    const __m256i h = _mm256_blendv_epi8(_mm256_shuffle_epi8(load(tb + 32), nib), _mm256_shuffle_epi8(load(tb + 96), nib), msk);
+// One index vector's lookups: E or ~E (mask m8) of 16 rows x 2 groups, added as int16.
+inline void t1_lookup(__m256i nib, __m256i m8, const uint8_t* tb, __m256i& a0, __m256i& a1) {
+    const __m256i l = _mm256_xor_si256(_mm256_shuffle_epi8(load(tb), nib), m8);
+    const __m256i h = _mm256_xor_si256(_mm256_shuffle_epi8(load(tb + 32), nib), m8);
     a0 = _mm256_add_epi16(a0, _mm256_unpacklo_epi8(l, h));
     a1 = _mm256_add_epi16(a1, _mm256_unpackhi_epi8(l, h));
 }
 
-// cb blocks of one tile (tp) against MB activation rows (tables lut_stride apart): adds Σ c·q of
+// cb blocks of one tile (tp) against MB activation rows (tables lut_stride apart): adds Σ w·q of
 // the tile's rows into acc[m * acc_stride + r].
 template <int MB>
 inline void t1_lut_tile(const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t lut_stride, bool prefetch,
                         int32_t* acc, int64_t acc_stride) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    const __m256i popcnt = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                            0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    constexpr int64_t kLutBlock = 512;  // t1_lut_block_bytes(false)
     __m256i r0[MB], r1[MB];  // int32 sums of rows 0-7 and 8-15
-    for (int m = 0; m < MB; ++m) r0[m] = r1[m] = _mm256_setzero_si256();
+    for (int m = 0; m < MB; ++m) r0[m] = r1[m] = zero;
     for (int64_t b0 = 0; b0 < cb; b0 += kT1LutGroup) {
         __m256i a0[MB], a1[MB];  // int16: rows 0-7, rows 8-15 (lane 0: group 2i, lane 1: group 2i+1)
-        for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_si256();
+        for (int m = 0; m < MB; ++m) a0[m] = a1[m] = zero;
+        __m256i neg = zero;  // set sign bits per row (lane 0: byte 8, lane 1: byte 9), u8
         for (int64_t b = b0; b < std::min<int64_t>(cb, b0 + kT1LutGroup); ++b) {
             const uint8_t* blk = tp + kT1TileBlockBytes * b;
             if (prefetch)
                 for (int o = 0; o < kT1TileBlockBytes; o += 64) _mm_prefetch((const char*)blk + kT1LutPrefetch + o, _MM_HINT_T0);
             const __m256i hb = load(blk + 128);
+            neg = _mm256_add_epi8(neg, _mm256_add_epi8(_mm256_shuffle_epi8(popcnt, _mm256_and_si256(hb, m4)),
+                                                       _mm256_shuffle_epi8(popcnt, _mm256_and_si256(_mm256_srli_epi16(hb, 4), m4))));
             for (int u = 0; u < 4; ++u) {
                 const __m256i v = load(blk + 32 * u);
                 const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                const __m256i mlo = _mm256_slli_epi16(hb, 7 - 2 * u), mhi = _mm256_slli_epi16(hb, 6 - 2 * u);
+                // sign bits 2u (low nibbles) and 2u + 1 (high) moved to bit 7, then spread over the byte
+                const __m256i mlo = _mm256_cmpgt_epi8(zero, _mm256_slli_epi16(hb, 7 - 2 * u));
+                const __m256i mhi = _mm256_cmpgt_epi8(zero, _mm256_slli_epi16(hb, 6 - 2 * u));
                 for (int m = 0; m < MB; ++m) {
-                    const uint8_t* tb = lut + m * lut_stride + kT1LutBlockBytes * b + 256 * u;
+                    const uint8_t* tb = lut + m * lut_stride + kLutBlock * b + 128 * u;
                     t1_lookup(lo, mlo, tb, a0[m], a1[m]);
-                    t1_lookup(hi, mhi, tb + 128, a0[m], a1[m]);
+                    t1_lookup(hi, mhi, tb + 64, a0[m], a1[m]);
                 }
             }
         }
+        const __m256i n0 = _mm256_unpacklo_epi8(neg, zero), n1 = _mm256_unpackhi_epi8(neg, zero);
         for (int m = 0; m < MB; ++m) {
-            r0[m] = _mm256_add_epi32(r0[m], lane_sum(a0[m]));
-            r1[m] = _mm256_add_epi32(r1[m], lane_sum(a1[m]));
+            r0[m] = _mm256_add_epi32(r0[m], lane_sum(_mm256_add_epi16(a0[m], n0)));
+            r1[m] = _mm256_add_epi32(r1[m], lane_sum(_mm256_add_epi16(a1[m], n1)));
         }
     }
     for (int m = 0; m < MB; ++m) {
@@ -674,7 +696,7 @@ void quantize_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q,
 
 void t1_prep_tables(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, bool avx512) {
     if (a.M > kT1LutMaxRows) return;  // more activation rows: the decoded-tile GEMM (no tables)
-    const int64_t nb = w.Kp / kT1Weights, lut_stride = nb * kT1LutBlockBytes;
+    const int64_t nb = w.Kp / kT1Weights, lut_stride = nb * t1_lut_block_bytes(avx512);
     scratch.resize((size_t)(a.M * lut_stride + 64 + w.Kp + 16));
     uint8_t* lut = scratch.data() + ((64 - (reinterpret_cast<uintptr_t>(scratch.data()) & 63)) & 63);
     int8_t* qp = reinterpret_cast<int8_t*>(lut + a.M * lut_stride);  // one row, 16 bytes of slack
@@ -697,7 +719,7 @@ void a8_t1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const
                        int64_t acc_stride) {
             with_rows(mb, [&](auto k) { t1_lut_tile<decltype(k)::value>(tp, cb, lut, stride, pf, acc, acc_stride); });
         };
-        return t1_table_rows(w, a, wscale, bias, out, n0, n1, tile);
+        return t1_table_rows(w, a, wscale, bias, out, n0, n1, false, tile);
     }
     gemm_tiles(Format::T1, w, a, wscale, bias, out, n0, n1);
 }

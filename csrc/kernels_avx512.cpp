@@ -243,9 +243,10 @@ void f32_avx512(const PackedView& w, const F32Acts& a, const float* wscale, cons
 // ============================================================================================
 // T1 through vpermi2b (VBMI): one 128-entry byte lookup serves 4 groups of 16 rows
 // ============================================================================================
-// The AVX2 kernel needs two 16-entry pshufb tables and a blend per byte plane for the 27 codes of
-// a group; vpermi2b indexes 128 bytes from two zmm, so one lookup covers 4 groups (one per 128-bit
-// slot, 32 entries each): index = code v (nibble + 16·high bit) + 32·slot. A 64-byte load holds
+// The AVX2 kernel folds the sign of a group's pattern out of its table (16 entries, one pshufb per
+// byte plane, and an XOR); vpermi2b indexes 128 bytes from two zmm, so one lookup covers 4 groups
+// (one per 128-bit slot, 32 entries each: the c-sums of every 5-bit code, sign bit included):
+// index = code (nibble + 16·sign bit) + 32·slot. A 64-byte load holds
 // row-order bytes j..j+3 of the tile's 16 rows; its low and high nibbles are two index vectors
 // (groups g = 8(k/2) + 4(s/2) + 2(k%2) + s%2 for index vector k, slot s; kernels_internal.h). The
 // high bit of each group sits in the tile-block's bytes 8 and 9 (broadcast to both halves), bit
@@ -294,7 +295,7 @@ inline void t1_vbmi_tile(const uint8_t* tp, int64_t cb, const uint8_t* lut, int6
                 idx[k] = _mm512_mask_add_epi8(idx[k], _mm512_test_epi8_mask(hb, bit[k]), idx[k], sixteen);
             }
             for (int m = 0; m < MB; ++m) {
-                const uint8_t* tb = lut + m * lut_stride + kT1LutBlockBytes * b;
+                const uint8_t* tb = lut + m * lut_stride + t1_lut_block_bytes(true) * b;
                 for (int k = 0; k < 4; ++k) {
                     const uint8_t* t = tb + 256 * k;
                     const __m512i l = _mm512_permutex2var_epi8(load512(t), idx[k], load512(t + 64));
@@ -327,7 +328,7 @@ void a8_t1_avx512(const PackedView& w, const A8Acts& a, const float* wscale, con
                    int64_t acc_stride) {
         with_rows(mb, [&](auto k) { t1_vbmi_tile<decltype(k)::value>(tp, cb, lut, stride, pf, acc, acc_stride); });
     };
-    t1_table_rows(w, a, wscale, bias, out, n0, n1, tile);
+    t1_table_rows(w, a, wscale, bias, out, n0, n1, true, tile);
 }
 
 }  // namespace

@@ -25,8 +25,8 @@ void decode_row_codes_generic(Format f, const uint8_t* row, int64_t Kp, uint8_t*
                 const uint8_t* blk = row + (int64_t)sizeof(BlockT1) * b;
                 uint8_t* c = codes + kT1Weights * b;
                 for (int g = 0; g < 16; ++g) {
-                    const int v = t1_code(blk, g);  // < 27 for every packed matrix
-                    c[3 * g] = kT1Digits.d[0][v], c[3 * g + 1] = kT1Digits.d[1][v], c[3 * g + 2] = kT1Digits.d[2][v];
+                    const int x = t1_code(blk, g);  // digits of the pattern t1_value(x)
+                    c[3 * g] = kT1Digits.d[0][x], c[3 * g + 1] = kT1Digits.d[1][x], c[3 * g + 2] = kT1Digits.d[2][x];
                 }
             }
             break;

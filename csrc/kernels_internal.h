@@ -27,10 +27,13 @@ constexpr int kI2Weights = 128;
 
 // T1: ternary at 5 bits per 3 weights = 1.67 bits/weight (the T1 *file* format is 1.6; this
 // layout trades 4 % more bytes for table lookups, see kernels_avx2.cpp "T1 LUT"). A group of 3
-// consecutive columns 3g..3g+2 has the code v = c0 + 3·c1 + 9·c2 ∈ [0, 27), c_j = w_j + 1, stored
-// as a nibble (v & 15) and a high bit (v >> 4). A block is 48 columns (16 groups) in 10 bytes per
-// row; in row order byte j (0..7) holds the nibbles of groups 4(j/2) + (j%2) (low) and
-// 4(j/2) + 2 + (j%2) (high), bytes 8 and 9 the high bits: bit i of byte 8 + l = group 2i + l.
+// consecutive columns 3g..3g+2 has the pattern value v = c0 + 3·c1 + 9·c2 ∈ [0, 27), c_j = w_j + 1,
+// stored sign-folded: patterns v and 26 - v are each other's negation, so the 5-bit code is a
+// magnitude index i = |v - 13| ∈ [0, 13] as a nibble and a sign bit s = (v < 13) as the high bit
+// (v = 13 + i or 13 - i; t1_value). A table of 14 sums then serves all 27 patterns. A block is 48
+// columns (16 groups) in 10 bytes per row; in row order byte j (0..7) holds the nibbles of groups
+// 4(j/2) + (j%2) (low) and 4(j/2) + 2 + (j%2) (high), bytes 8 and 9 the sign bits: bit i of byte
+// 8 + l = group 2i + l.
 // Rows are tiled by 16 like B1, and the blocks of a tile are grouped in K chunks of kT1ChunkBlocks:
 // chunk c of every tile comes before chunk c + 1 of any tile, so one thread's rows of one chunk are
 // one sequential stream while the chunk's tables stay in L1. Inside a tile-block (160 bytes) byte
@@ -193,52 +196,69 @@ inline void with_rows(int mb, F&& f) {
 }
 
 // ---- T1 table kernels (AVX2 and AVX-512): what they share ----
-constexpr int64_t kT1LutBlockBytes = 1024;  // tables per 48-column block (either kernel's order)
+// Table bytes per 48-column block: AVX2's sign-folded w-sums (8 index vectors x 16 int16 entries x
+// 2 groups), AVX-512's c-sums (16 groups x 32 int16 entries).
+inline int64_t t1_lut_block_bytes(bool avx512) { return avx512 ? 1024 : 512; }
 constexpr int64_t kT1TileBlockBytes = kTileRows * (int64_t)sizeof(BlockT1);  // 160
 constexpr int64_t kT1LutMaxRows = 16;  // activation rows served by tables (more: the decoded-tile GEMM)
 
 // The outer loop: rows [n0, n1) (whole tiles but the last) for the M <= 16 activation rows, K chunk
 // by K chunk (the chunk's tables stay in L1), every tile of the rows (one sequential stream per
 // chunk), activation rows in groups of <= 4 per pass over a tile. tile(mb, tile_data, blocks, lut,
-// lut_stride, prefetch, acc, acc_stride) adds Σ c·q of the tile's 16 rows for mb activation rows.
+// lut_stride, prefetch, acc, acc_stride) adds the tile's 16 row sums for mb activation rows: Σ w·q
+// (avx512 = false: the AVX2 sign-folded tables) or Σ c·q (avx512 = true), whose offset Σq goes here.
 template <class TileFn>
 void t1_table_rows(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
-                   int64_t n0, int64_t n1, TileFn tile) {
+                   int64_t n0, int64_t n1, bool avx512, TileFn tile) {
     const int64_t nb = w.Kp / kT1Weights, tiles = stored_rows(w.fmt, w.N) / kTileRows;
     const int64_t t0 = n0 / kTileRows, t1 = (n1 + kTileRows - 1) / kTileRows, rows = (t1 - t0) * kTileRows;
-    const int64_t lut_stride = nb * kT1LutBlockBytes;
+    const int64_t lut_block = t1_lut_block_bytes(avx512), lut_stride = nb * lut_block;
     const int64_t groups = (a.M + 3) / 4, base = a.M / groups, extra = a.M % groups;
-    std::vector<int32_t> acc((size_t)(a.M * rows), 0);  // (M, rows) Σ c·q
+    std::vector<int32_t> acc((size_t)(a.M * rows), 0);  // (M, rows) Σ w·q or Σ c·q
     for (int64_t c0 = 0; c0 < nb; c0 += kT1ChunkBlocks) {
         const int64_t cb = std::min<int64_t>(kT1ChunkBlocks, nb - c0);
         const uint8_t* chunk = w.data + (c0 * tiles + t0 * cb) * kT1TileBlockBytes;  // this chunk of tile t0
         for (int64_t t = t0; t < t1; ++t)
             for (int64_t g = 0, m0 = 0; g < groups; ++g) {
                 const int mb = (int)(base + (g < extra));
-                tile(mb, chunk + (t - t0) * cb * kT1TileBlockBytes, cb, a.lut + m0 * lut_stride + c0 * kT1LutBlockBytes,
+                tile(mb, chunk + (t - t0) * cb * kT1TileBlockBytes, cb, a.lut + m0 * lut_stride + c0 * lut_block,
                      lut_stride, g == 0, &acc[m0 * rows + (t - t0) * kTileRows], rows);
                 m0 += mb;
             }
     }
-    for (int64_t m = 0; m < a.M; ++m)  // Σ(c-1)q = Σ c·q - Σq
+    for (int64_t m = 0; m < a.M; ++m) {  // Σ(c-1)q = Σ c·q - Σq
+        const int32_t offset = avx512 ? a.qsum[m] : 0;
         for (int64_t n = n0; n < n1; ++n)
-            out[m * w.N + n] = a8_epilogue(acc[m * rows + n - t0 * kTileRows] - a.qsum[m], a.xscale[m], wscale[n],
+            out[m * w.N + n] = a8_epilogue(acc[m * rows + n - t0 * kTileRows] - offset, a.xscale[m], wscale[n],
                                            bias, n);
+    }
 }
 
-// Digit j (base 3, the group's first column least significant) of every 5-bit T1 code v, 27..31
-// included (a packer writes codes < 27 only): the scalar decoder's table and the SIMD decoders'
-// lookup tables (AVX2: d[j] + 16·h as two 16-entry pshufb tables; NEON: one 32-entry tbl2).
+// The pattern value v of a 5-bit T1 code (nibble i | sign bit << 4): 13 + i, or 13 - i with the sign
+// bit. Nibbles 14 and 15 are never written (a packer writes i <= 13); they read as v = 13 (w = 0).
+constexpr int t1_value(int code) {
+    const int i = code & 15;
+    return i > 13 ? 13 : (code >> 4) ? 13 - i : 13 + i;
+}
+// The 5-bit code of pattern value v (the packer's side of t1_value).
+constexpr int t1_code_of(int v) { return v >= 13 ? v - 13 : (13 - v) | 16; }
+
+// Digit j (base 3, the group's first column least significant) of the pattern of every 5-bit T1
+// code: the scalar decoder's table and the SIMD decoders' lookup tables (AVX2: two 16-entry pshufb
+// tables picked by the sign bit; NEON: one 32-entry tbl2).
 struct T1DigitTable {
     alignas(16) uint8_t d[3][32];
     constexpr T1DigitTable() : d{} {
-        for (int v = 0; v < 32; ++v) d[0][v] = uint8_t(v % 3), d[1][v] = uint8_t(v / 3 % 3), d[2][v] = uint8_t(v / 9 % 3);
+        for (int x = 0; x < 32; ++x) {
+            const int v = t1_value(x);
+            d[0][x] = uint8_t(v % 3), d[1][x] = uint8_t(v / 3 % 3), d[2][x] = uint8_t(v / 9 % 3);
+        }
     }
 };
 inline constexpr T1DigitTable kT1Digits{};
 
 // T1 row order: the nibble of group g (0..15) of a block is in byte 2(g/4) + g%2, high nibble iff
-// (g/2) is odd; its high bit is bit g/2 of byte 8 + g%2.
+// (g/2) is odd; its sign bit is bit g/2 of byte 8 + g%2. Returns the 5-bit code (t1_value: pattern).
 inline int t1_code(const uint8_t* blk, int g) {
     const int nib = (blk[2 * (g >> 2) + (g & 1)] >> (4 * ((g >> 1) & 1))) & 15;
     const int hb = (blk[8 + (g & 1)] >> (g >> 1)) & 1;
