@@ -361,7 +361,10 @@ int64_t padded_k(Format f, int64_t K) {
     return std::max<int64_t>(1, (K + b - 1) / b) * b;
 }
 int64_t row_bytes(Format f, int64_t K) { return padded_k(f, K) / block_weights(f) * block_bytes(f); }
-int64_t packed_bytes(Format f, int64_t N, int64_t K) { return stored_rows(f, N) * row_bytes(f, K); }
+int64_t packed_bytes(Format f, int64_t N, int64_t K) {
+    // T1: one int32 per stored row after the blocks (its count of set sign bits)
+    return stored_rows(f, N) * (row_bytes(f, K) + (f == Format::T1 ? 4 : 0));
+}
 
 int64_t find_invalid_weight(Format f, const int8_t* w, int64_t count) {
     for (int64_t i = 0; i < count; ++i) {
@@ -393,7 +396,8 @@ void pack(Format f, const int8_t* w, int64_t N, int64_t K, uint8_t* out) {
                             for (int j = 0; j < 32; ++j)
                                 o[32 * b + j] |= uint8_t(codes[kI2Weights * b + 32 * i + j] << (2 * i));
                     break;
-                case Format::T1:
+                case Format::T1: {
+                    int32_t signs = 0;
                     for (int64_t b = 0; b < Kp / kT1Weights; ++b) {
                         uint8_t* blk = o + (int64_t)sizeof(BlockT1) * b;
                         for (int g = 0; g < 16; ++g) {
@@ -401,9 +405,12 @@ void pack(Format f, const int8_t* w, int64_t N, int64_t K, uint8_t* out) {
                             const int x = t1_code_of(c[0] + 3 * c[1] + 9 * c[2]);  // sign-folded
                             blk[2 * (g >> 2) + (g & 1)] |= uint8_t((x & 15) << (4 * ((g >> 1) & 1)));
                             blk[8 + (g & 1)] |= uint8_t((x >> 4) << (g >> 1));
+                            signs += x >> 4;
                         }
                     }
+                    std::memcpy(out + stored_rows(f, N) * rb + 4 * n, &signs, 4);  // padding rows: 0
                     break;
+                }
                 case Format::B1:
                     for (int64_t p = 0; p < rb; ++p)
                         for (int i = 0; i < 8; ++i) o[p] |= uint8_t((codes[8 * p + i] == 0 ? 1 : 0) << i);

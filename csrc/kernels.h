@@ -17,8 +17,9 @@
 //
 // Formats (in-memory kernel layouts; byte-level spec in docs/formats.md, "Native kernels"):
 //   I2: ternary, 2 bits/weight (blocks of 128 weights in 32 bytes), rows one after another
-//   T1: ternary, 1.67 bits/weight (blocks of 48 weights in 10 bytes: a nibble and a high bit per
-//       3 weights), rows interleaved in tiles of 16, tile-blocks grouped in K chunks of 768
+//   T1: ternary, 1.67 bits/weight (blocks of 48 weights in 10 bytes: a nibble and a sign bit per
+//       3 weights), rows interleaved in tiles of 16, tile-blocks grouped in K chunks of 768, then
+//       one int32 per stored row: the row's count of set sign bits
 //   B1: binary ±1, 1 bit/weight (blocks of 256 weights in 32 bytes), rows in tiles of 16
 // Rows are padded to whole blocks; packed_bytes() is the size of the whole matrix.
 #pragma once

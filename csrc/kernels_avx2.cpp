@@ -500,15 +500,16 @@ void b1_lut_tiles(const PackedView& w, const A8Acts& a, const float* wscale, con
 // -E[i], E[i] = Σ w·q of the pattern v = 13 + i, so one 16-entry table per group (|E| <= 384,
 // int16) serves all 27 patterns: its low and high bytes are two pshufb tables. The sign is applied
 // as a byte XOR with the group's 0x00/0xFF mask on both looked-up bytes, which turns the int16 E
-// into ~E = -E - 1; the -1s are undone by adding, per row, the number of set sign bits (a pshufb
-// popcount of the tile-block's two sign-bit bytes). So Σ w·q needs no offset, and per 96
+// into ~E = -E - 1; the -1s are undone once per row, at the end, by adding the row's number of set
+// sign bits, which the packer stores after the blocks (t1_sign_count; counting them here, with a
+// pshufb popcount per tile-block, cost 10 %). So Σ w·q needs no activation-sum offset, and per 96
 // weight-rows (16 rows x 2 groups): 1.5 ops for the nibbles, 2 for the mask (shift, compare), 2
 // pshufb, 2 XOR, 2 unpacks, 2 adds. (The earlier form, 27-entry c-sums as two 16-entry halves
-// picked by blendv, needed 4 pshufb and 2 blendv instead: 55 against 74-81 G weight-rows/s per core
+// picked by blendv, needed 4 pshufb and 2 blendv instead: 55 against 80 G weight-rows/s per core
 // in a microbenchmark on the session-8 Zen 3.) Tables per 48-column block: 8 index vectors x [low
 // bytes | high bytes] x 32 bytes (lane 0: group 2i, lane 1: group 2i+1) = 512 bytes, so a K chunk's
 // (kT1ChunkBlocks blocks, 8 KB) stay in L1 while every tile of its rows walks them.
-constexpr int kT1LutGroup = 8;  // blocks per int16 run: 8 lookups of |~E| <= 385 + 8 sign bits per block, 8·3088 < 2^15
+constexpr int kT1LutGroup = 10;  // blocks per int16 run: 8 lookups of |~E| <= 385 per block, 80·385 < 2^15
 constexpr int64_t kT1LutPrefetch = 2048;
 
 struct T1Coef {
@@ -589,27 +590,22 @@ inline void t1_lookup(__m256i nib, __m256i m8, const uint8_t* tb, __m256i& a0, _
 }
 
 // cb blocks of one tile (tp) against MB activation rows (tables lut_stride apart): adds Σ w·q of
-// the tile's rows into acc[m * acc_stride + r].
+// the tile's rows, less their set sign bits, into acc[m * acc_stride + r].
 template <int MB>
 inline void t1_lut_tile(const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t lut_stride, bool prefetch,
                         int32_t* acc, int64_t acc_stride) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
-    const __m256i popcnt = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                            0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     constexpr int64_t kLutBlock = 512;  // t1_lut_block_bytes(false)
     __m256i r0[MB], r1[MB];  // int32 sums of rows 0-7 and 8-15
     for (int m = 0; m < MB; ++m) r0[m] = r1[m] = zero;
     for (int64_t b0 = 0; b0 < cb; b0 += kT1LutGroup) {
         __m256i a0[MB], a1[MB];  // int16: rows 0-7, rows 8-15 (lane 0: group 2i, lane 1: group 2i+1)
         for (int m = 0; m < MB; ++m) a0[m] = a1[m] = zero;
-        __m256i neg = zero;  // set sign bits per row (lane 0: byte 8, lane 1: byte 9), u8
         for (int64_t b = b0; b < std::min<int64_t>(cb, b0 + kT1LutGroup); ++b) {
             const uint8_t* blk = tp + kT1TileBlockBytes * b;
             if (prefetch)
                 for (int o = 0; o < kT1TileBlockBytes; o += 64) _mm_prefetch((const char*)blk + kT1LutPrefetch + o, _MM_HINT_T0);
             const __m256i hb = load(blk + 128);
-            neg = _mm256_add_epi8(neg, _mm256_add_epi8(_mm256_shuffle_epi8(popcnt, _mm256_and_si256(hb, m4)),
-                                                       _mm256_shuffle_epi8(popcnt, _mm256_and_si256(_mm256_srli_epi16(hb, 4), m4))));
             for (int u = 0; u < 4; ++u) {
                 const __m256i v = load(blk + 32 * u);
                 const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
@@ -623,10 +619,9 @@ inline void t1_lut_tile(const uint8_t* tp, int64_t cb, const uint8_t* lut, int64
                 }
             }
         }
-        const __m256i n0 = _mm256_unpacklo_epi8(neg, zero), n1 = _mm256_unpackhi_epi8(neg, zero);
         for (int m = 0; m < MB; ++m) {
-            r0[m] = _mm256_add_epi32(r0[m], lane_sum(_mm256_add_epi16(a0[m], n0)));
-            r1[m] = _mm256_add_epi32(r1[m], lane_sum(_mm256_add_epi16(a1[m], n1)));
+            r0[m] = _mm256_add_epi32(r0[m], lane_sum(a0[m]));
+            r1[m] = _mm256_add_epi32(r1[m], lane_sum(a1[m]));
         }
     }
     for (int m = 0; m < MB; ++m) {

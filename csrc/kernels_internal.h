@@ -37,7 +37,9 @@ constexpr int kI2Weights = 128;
 // Rows are tiled by 16 like B1, and the blocks of a tile are grouped in K chunks of kT1ChunkBlocks:
 // chunk c of every tile comes before chunk c + 1 of any tile, so one thread's rows of one chunk are
 // one sequential stream while the chunk's tables stay in L1. Inside a tile-block (160 bytes) byte
-// j of row r is at 16·j + r.
+// j of row r is at 16·j + r. After the stored rows' blocks, one int32 (little-endian) per stored
+// row holds the number of its groups with the sign bit set (t1_sign_count; the AVX2 table kernel
+// adds it back, see kernels_avx2.cpp "T1 LUT").
 struct BlockT1 {
     uint8_t qs[10];
 };
@@ -162,6 +164,13 @@ inline int64_t tile_block_offset(Format f, int64_t N, int64_t Kp, int64_t t, int
     return (c * kT1ChunkBlocks * tiles + t * cb + (b - c * kT1ChunkBlocks)) * (int64_t)sizeof(BlockT1) * kTileRows;
 }
 
+// T1: the count of set sign bits of stored row n (the int32s after the rows' blocks).
+inline int32_t t1_sign_count(const PackedView& w, int64_t n) {
+    int32_t c;
+    std::memcpy(&c, w.data + stored_rows(w.fmt, w.N) * w.row_bytes + 4 * n, 4);
+    return c;
+}
+
 // Row n's row_bytes bytes in row order: a pointer into the matrix for the row-major formats, or
 // `buf` (row_bytes long) gathered from the row's tile-blocks for the tiled ones.
 inline const uint8_t* row_of(const PackedView& w, int64_t n, uint8_t* buf) {
@@ -206,7 +215,8 @@ constexpr int64_t kT1LutMaxRows = 16;  // activation rows served by tables (more
 // by K chunk (the chunk's tables stay in L1), every tile of the rows (one sequential stream per
 // chunk), activation rows in groups of <= 4 per pass over a tile. tile(mb, tile_data, blocks, lut,
 // lut_stride, prefetch, acc, acc_stride) adds the tile's 16 row sums for mb activation rows: Σ w·q
-// (avx512 = false: the AVX2 sign-folded tables) or Σ c·q (avx512 = true), whose offset Σq goes here.
+// minus the row's set sign bits (avx512 = false: the AVX2 sign-folded tables) or Σ c·q (avx512 =
+// true); the offsets go here.
 template <class TileFn>
 void t1_table_rows(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
                    int64_t n0, int64_t n1, bool avx512, TileFn tile) {
@@ -226,12 +236,11 @@ void t1_table_rows(const PackedView& w, const A8Acts& a, const float* wscale, co
                 m0 += mb;
             }
     }
-    for (int64_t m = 0; m < a.M; ++m) {  // Σ(c-1)q = Σ c·q - Σq
-        const int32_t offset = avx512 ? a.qsum[m] : 0;
+    // Σ w·q = Σ c·q - Σq (avx512), or the XORed lookups' sum plus the row's set sign bits (AVX2)
+    for (int64_t m = 0; m < a.M; ++m)
         for (int64_t n = n0; n < n1; ++n)
-            out[m * w.N + n] = a8_epilogue(acc[m * rows + n - t0 * kTileRows] - offset, a.xscale[m], wscale[n],
-                                           bias, n);
-    }
+            out[m * w.N + n] = a8_epilogue(acc[m * rows + n - t0 * kTileRows] + (avx512 ? -a.qsum[m] : t1_sign_count(w, n)),
+                                           a.xscale[m], wscale[n], bias, n);
 }
 
 // The pattern value v of a 5-bit T1 code (nibble i | sign bit << 4): 13 + i, or 13 - i with the sign

@@ -142,13 +142,31 @@ def test_pack_unpack_roundtrip(fmt, N, K, seed):
     W = random_weights(fmt, N, K, torch.Generator().manual_seed(seed))
     p = bk.pack(fmt, W)
     rows = -(-N // 16) * 16 if fmt != "i2" else N  # t1 and b1 interleave rows in tiles of 16
-    assert p.data.numel() == rows * bk._core.row_bytes(fmt, K)
+    trailer = 4 if fmt == "t1" else 0  # t1: an int32 per stored row, its count of set sign bits
+    assert p.data.numel() == rows * (bk._core.row_bytes(fmt, K) + trailer)
     assert torch.equal(p.unpack(), W)
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 300), st.integers(0, 2**31 - 1))
+def test_t1_layout_sign_folded_with_per_row_sign_counts(N, K, seed):
+    # docs/formats.md §5: a group's pattern v = c0 + 3c1 + 9c2 is stored as nibble |v - 13| and sign
+    # bit (v < 13); after the blocks, one int32 per stored row counts its set sign bits.
+    W = random_weights("t1", N, K, torch.Generator().manual_seed(seed))
+    p = bk.pack("t1", W)
+    rows, rb = -(-N // 16) * 16, bk._core.row_bytes("t1", K)
+    Kp = rb // 10 * 48
+    c = torch.ones(rows, Kp, dtype=torch.int64)  # padding columns and rows: w = 0
+    c[:N, :K] = W.to(torch.int64) + 1
+    v = c[:, 0::3] + 3 * c[:, 1::3] + 9 * c[:, 2::3]  # (rows, groups)
+    expected = (v < 13).sum(1).to(torch.int32)
+    got = p.data[rows * rb:].view(torch.int32)
+    assert torch.equal(got, expected)
+
+
 def test_bits_per_weight():
-    # the t1 kernel layout spends 5 bits on 3 weights (its file format: 8 bits on 5)
-    for fmt, bpw in [("i2", 2.0), ("t1", 5 / 3), ("b1", 1.0)]:
+    # the t1 kernel layout spends 5 bits on 3 weights (its file format: 8 bits on 5) and 32 bits per row
+    for fmt, bpw in [("i2", 2.0), ("t1", 5 / 3 + 32 / 2880), ("b1", 1.0)]:
         K = {"i2": 1280, "t1": 2880, "b1": 2560}[fmt]  # whole blocks
         p = bk.pack(fmt, torch.zeros(32, K, dtype=torch.int8) + (1 if fmt == "b1" else 0))
         assert p.bits_per_weight == pytest.approx(bpw, rel=1e-12)
