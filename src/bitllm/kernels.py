@@ -53,15 +53,16 @@ _ALPHABET = {KernelFormat.I2: "{-1, 0, +1}", KernelFormat.T1: "{-1, 0, +1}", Ker
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A weight matrix in a kernel layout: ``data`` is a 1-D uint8 tensor of ``N`` padded rows."""
+    """A weight matrix in a kernel layout: ``data`` is a 1-D uint8 tensor of ``N`` padded rows (T1 and
+    B1: rounded up to tiles of 16; T1: then one int32 per stored row, its count of set sign bits)."""
 
     fmt: KernelFormat
     N: int
     K: int
-    data: torch.Tensor  # (N * row_bytes,) uint8
+    data: torch.Tensor  # (packed_bytes(fmt, N, K),) uint8
 
     def __post_init__(self) -> None:
-        # The kernels read N * row_bytes bytes through a raw pointer: check the buffer once here.
+        # The kernels read packed_bytes bytes through a raw pointer: check the buffer once here.
         d = self.data
         if not isinstance(self.fmt, KernelFormat):
             raise FormatError(f"PackedWeight.fmt must be a KernelFormat, got {self.fmt!r}")
@@ -76,7 +77,7 @@ class PackedWeight:
 
     @property
     def bits_per_weight(self) -> float:
-        """Bytes actually stored per logical weight, × 8 (includes the padding of K to whole blocks)."""
+        """Bytes actually stored per logical weight, × 8 (includes the padding to whole blocks and tiles)."""
         return 8.0 * self.data.numel() / (self.N * self.K)
 
     def unpack(self) -> torch.Tensor:
