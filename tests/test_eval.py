@@ -403,3 +403,28 @@ def test_gguf_through_llama_cpp_scores_like_the_engine(tmp_path):
     m = open_model(g, threads=1)  # no max_length: the file's own context, as for the engine
     assert m.max_length == 128
     m.close()
+
+
+def test_adapter_truncates_long_requests_as_lm_eval_hf(ternary_dir):
+    """A request longer than the window is cut as `--model hf` cuts it, (ctx + cont)[-(max_length + 1):]
+    with the last token only scored: the engine must hold max_length fed tokens, not one fewer."""
+    pytest.importorskip("lm_eval")
+    import lm_eval.models  # noqa: F401  (lm-eval's own "hf"; see the registry test below)
+    from lm_eval.api.registry import get_model
+
+    import bitllm.eval  # noqa: F401  (registers "bitllm")
+
+    ours = get_model("bitllm").create_from_arg_string(f"pretrained={ternary_dir},threads=1,max_length=24", {})
+    ref = get_model("hf").create_from_arg_string(f"pretrained={ternary_dir},max_length=24", {"batch_size": 1, "device": "cpu"})
+    ctx, cont = [3 + (7 * i) % 50 for i in range(40)], [11, 12, 13]
+    reqs = [(("a", "b"), ctx, cont), (("c", "d"), ctx[:22], cont), (("e", "f"), ctx[:21], cont[:1])]
+    got = ours._loglikelihood_tokens(reqs, disable_tqdm=True)
+    want = ref._loglikelihood_tokens(reqs, disable_tqdm=True)
+    for (a, ga), (b, gb) in zip(got, want):
+        assert abs(a - b) <= LL_BUDGET_ABS + LL_BUDGET_REL * abs(b) and ga == gb
+    # exactly hf's cut: the last max_length + 1 = 25 tokens (the budget above is too loose to see one
+    # token of context on this tiny model); 22 + 3 tokens fit uncut, and the engine takes that many
+    assert [lp for lp, _ in ours.model.loglikelihood([(ctx[-22:], cont), (ctx[:22], cont)])] == \
+        [got[0][0], got[1][0]]
+    with pytest.raises(bitllm.BitLLMError, match="exceed"):
+        ours.model.loglikelihood([(ctx[:23], cont)])

@@ -370,7 +370,9 @@ class LLM:
     def loglikelihood(self, requests: Iterable[tuple[Prompt, Prompt]], max_batch_tokens: int = 1024
                       ) -> list[tuple[float, bool]]:
         """Teacher-forced log P(continuation | context) and whether it is the greedy continuation,
-        for each (context, continuation) pair (text or token ids), scored in batches."""
+        for each (context, continuation) pair (text or token ids), scored in batches. The last
+        continuation token is only a target, never fed: context + continuation may hold
+        ``max_context + 1`` tokens, as for lm-eval's ``hf`` model."""
         pairs = []
         for ctx, cont in requests:
             if isinstance(ctx, str) and isinstance(cont, str):
@@ -396,8 +398,9 @@ class LLM:
                     raise BitLLMError("empty context and the model has no BOS token to condition on")
                 ctx_ids = [int(bos)]
             toks = ctx_ids + cont_ids
-            if len(toks) > self.backend.max_context:
-                raise BitLLMError(f"context + continuation is {len(toks)} tokens; the model's context is {self.backend.max_context}")
+            if len(toks) > self.backend.max_context + 1:
+                raise BitLLMError(f"context + continuation is {len(toks)} tokens; the model's context is "
+                                  f"{self.backend.max_context} (+1: the last token is only scored)")
             pairs.append((toks, len(ctx_ids)))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         i = 0
@@ -407,17 +410,17 @@ class LLM:
                 total += len(pairs[j][0])
                 j += 1
             chunk = pairs[i:j]
-            slots = [self.backend.open(len(t)) for t, _ in chunk]
-            # rows n_ctx-1 .. len-1 of each sequence: the last len-n_ctx+1 (the final one is unused)
-            last = [len(t) - n_ctx + 1 for t, n_ctx in chunk]
+            slots = [self.backend.open(len(t) - 1) for t, _ in chunk]
+            # all tokens but the last are fed; rows n_ctx-1 .. len-2 (the last len-n_ctx) predict toks[n_ctx:]
+            last = [len(t) - n_ctx for t, n_ctx in chunk]
             try:
-                logits = self.backend.forward(slots, [t for t, _ in chunk], all_logits=True, last=last)
+                logits = self.backend.forward(slots, [t[:-1] for t, _ in chunk], all_logits=True, last=last)
             finally:
                 for s in slots:
                     self.backend.close(s)
             row = 0
             for k, (toks, n_ctx) in enumerate(chunk):
-                lg = logits[row: row + last[k] - 1].astype(np.float64)  # predicts toks[n_ctx:]
+                lg = logits[row: row + last[k]].astype(np.float64)  # predicts toks[n_ctx:]
                 target = np.asarray(toks[n_ctx:])
                 logp = lg[np.arange(len(target)), target] - log_normalizer(lg)
                 results[i + k] = (float(logp.sum()), bool((lg.argmax(axis=1) == target).all()))

@@ -7,7 +7,8 @@ Tokenization is lm-eval's own (TemplateLM: trailing context spaces move to the c
 pair is encoded whole and split, an empty context is conditioned on BOS/EOS, add_special_tokens as
 the tokenizer decides), so the requests equal those of `--model hf` token for token: a ternary I2
 checkpoint scored both ways differs only by the engine's floating-point rounding (tests pin the
-budget). Rolling log-likelihoods use lm-eval's own disjoint windows with one token of context.
+budget). Rolling log-likelihoods use lm-eval's own disjoint windows with one token of context; as for
+`--model hf`, a request may hold max_length + 1 tokens (the last is only scored, never fed).
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ class BitLLMEval(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = []
         for _, ctx, cont in requests:
-            keep = self.max_length - len(cont)  # left-truncate the context to fit the model's window
-            pairs.append((ctx[-keep:] if keep > 0 else ctx[-1:], cont[-(self.max_length - 1):]))
+            # left-truncate as `--model hf` does: (ctx + cont)[-(max_length + 1):], whose last token is not fed
+            keep = self.max_length + 1 - len(cont)
+            pairs.append((ctx[-keep:] if keep > 0 else ctx[-1:], cont[-self.max_length:]))
         out: list[tuple[float, bool]] = []
         chunk = 32
         for i in tqdm(range(0, len(pairs), chunk), desc="bitllm loglikelihood", disable=disable_tqdm):
@@ -95,7 +97,7 @@ class BitLLMEval(TemplateLM):
         for (string,) in tqdm([r.args for r in requests], desc="bitllm rolling", disable=disable_tqdm):
             windows = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
                 token_list=self.tok_encode(string, add_special_tokens=False), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length - 1, context_len=1)]  # ctx + cont = max_seq_len + 1 tokens
+                max_seq_len=self.max_length, context_len=1)]  # as `--model hf`: ctx + cont = max_length + 1 tokens
             total = sum(lp for lp, _ in self.model.loglikelihood(windows, max_batch_tokens=self.max_batch_tokens))
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
             out.append(total)

@@ -74,8 +74,8 @@ class EvalModel:
         for ctx, cont in pairs:
             if not ctx or not cont:
                 raise BitLLMError("loglikelihood needs a non-empty context and continuation (token ids)")
-            if len(ctx) + len(cont) > self.max_length:
-                raise BitLLMError(f"{len(ctx) + len(cont)} tokens exceed the model's context {self.max_length}")
+            if len(ctx) + len(cont) > self.max_length + 1:  # the last token is only scored, never fed
+                raise BitLLMError(f"{len(ctx) + len(cont)} tokens exceed the model's context {self.max_length} + 1")
         if self.lcpp is not None:
             return [self._lcpp_score(list(c), list(t)) for c, t in pairs]
         return self.llm.loglikelihood([(list(c), list(t)) for c, t in pairs], max_batch_tokens=max_batch_tokens)
@@ -83,7 +83,7 @@ class EvalModel:
     def _lcpp_score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
         toks = ctx + cont
         self.lcpp.reset()
-        self.lcpp.eval(toks)
+        self.lcpp.eval(toks[:-1])  # the last token is only a target
         logits = np.asarray(self.lcpp.scores[len(ctx) - 1: len(toks) - 1])  # (len(cont), vocab): row i predicts cont[i]
         logp = _log_softmax_rows(logits)
         target = np.asarray(cont)
