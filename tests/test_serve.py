@@ -271,6 +271,55 @@ def test_several_prompts_and_n_choices(llm, server, client):
     assert server.app.state.engine.kv_sequences() == 0
 
 
+def test_echoed_prompt_is_scored_once_for_n_choices(llm, server, monkeypatch):
+    """With echo + logprobs and n > 1, only a prompt's first choice asks the engine for the prompt's
+    log-probabilities; its other choices reuse those records (they depend only on the prompt), in
+    their non-streamed answers and as the first chunk of their streams. The prompts are long enough
+    that the last one's scoring waits a step while its other choices already decode."""
+    from bitllm.engine.batch import PROMPT_LOGPROBS_CHUNK
+
+    prompts = ["the quick brown fox jumps over the lazy dog " * 3, "a bit of text " * 9, "models and bytes " * 9]
+    lengths = [len(llm.encode(p)) for p in prompts]
+    assert sum(lengths) > PROMPT_LOGPROBS_CHUNK and max(lengths) <= 100
+    asked = []
+    submit_many = server.engine.submit_many
+
+    def spy(jobs, *a, **k):
+        asked.extend(params.prompt_logprobs for _, params in jobs)
+        return submit_many(jobs, *a, **k)
+
+    monkeypatch.setattr(server.engine, "submit_many", spy)
+    body = {"prompt": prompts, "max_tokens": 1, "temperature": 1.0, "seed": 5, "echo": True, "logprobs": 2, "n": 3}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30).json()
+    assert asked == [2, None, None] * 3  # one scored sequence per prompt
+    fields = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+
+    def prompt_part(choice, n):
+        return {f: choice["logprobs"][f][:n] for f in fields}
+
+    for p, (prompt, n) in enumerate(zip(prompts, lengths)):
+        parts = [prompt_part(c, n) for c in r["choices"][3 * p: 3 * p + 3]]
+        assert parts[0] == parts[1] == parts[2] and parts[0]["token_logprobs"][0] is None
+        assert all(c["text"].startswith(prompt) for c in r["choices"][3 * p: 3 * p + 3])
+        single = prompt_part(httpx.post(server.url + "/v1/completions", json={**body, "prompt": prompt, "n": 1},
+                                        timeout=30).json()["choices"][0], n)
+        assert parts[0]["tokens"] == single["tokens"] and parts[0]["text_offset"] == single["text_offset"]
+        assert parts[0]["token_logprobs"][1:] == pytest.approx(single["token_logprobs"][1:], abs=1e-5)
+        for got, want in zip(parts[0]["top_logprobs"][1:], single["top_logprobs"][1:]):
+            assert got == pytest.approx(want, abs=1e-5)
+    # streamed: each choice's first chunk is its echoed prompt with the shared records, then its own text
+    asked.clear()
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as s:
+        chunks = [json.loads(ln[5:])["choices"][0] for ln in s.iter_lines()
+                  if ln.startswith("data:") and ln != "data: [DONE]"]
+    assert asked == [2, None, None] * 3
+    for k, c in enumerate(r["choices"]):
+        mine = [ch for ch in chunks if ch["index"] == k]
+        n = lengths[k // 3]
+        assert mine[0]["text"] == prompts[k // 3] and mine[0]["logprobs"] == prompt_part(c, n)
+        assert "".join(ch["text"] for ch in mine) == c["text"]
+
+
 def test_a_failed_step_fails_every_choice(llm, server, slow):
     """A request's choices stand or fall together: an engine step that fails gives one clean 500 and
     frees every sequence's cache slot."""
@@ -290,6 +339,22 @@ def test_a_failed_step_fails_every_choice(llm, server, slow):
     assert r.status_code == 500 and "internal" in r.json()["error"]["message"]
     time.sleep(0.3)
     assert server.app.state.engine.kv_sequences() == 0
+
+
+def test_token_ids_are_json_integers(server):
+    """JSON true/false and 1.0 are not token ids, though pydantic's lax mode would read them as 1, 0
+    and 1 (and "1" as 1): a 400 naming the value, like any malformed field."""
+    url = server.url
+    for prompt, bad in [([True, 5], "true"), ([[1, False]], "false"), ([1.0, 2], "1.0"), ([[5, 6], [7, 2.0]], "2.0"),
+                        ([1, "2"], '"2"')]:
+        for stream in (False, True):
+            err = error_of(httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1,
+                                                                     "stream": stream}), 400)
+            assert err["param"] == "prompt" and f"{bad} is not a token id" in err["message"], err
+    for tokens in ([True], [1, 1.0]):
+        err = error_of(httpx.post(url + "/detokenize", json={"tokens": tokens}), 400)
+        assert err["param"].startswith("tokens") and "integer" in err["message"]
+    assert httpx.post(url + "/v1/completions", json={"prompt": [[5, 6], [7]], "max_tokens": 1}).status_code == 200
 
 
 def test_logprobs_bad_input(server):
@@ -642,6 +707,16 @@ def test_scoring_steps_generate_no_tokens(llm):
         assert metric(s.url, "bitllm_batch_size_sum") == 3
         assert metric(s.url, "bitllm_completion_tokens_total") == 0
         assert metric(s.url, "bitllm_tokens_per_second") == 0
+
+
+def test_prompt_tokens_metric_counts_each_prompt_once(server):
+    """bitllm_prompt_tokens_total counts a prompt once however many choices (n) it has, as
+    usage.prompt_tokens does, though each choice is its own sequence in the batch."""
+    before = metric(server.url, "bitllm_prompt_tokens_total")
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": ["the quick", "a bit of"], "n": 3,
+                                                         "max_tokens": 2}).json()
+    assert len(r["choices"]) == 6
+    assert metric(server.url, "bitllm_prompt_tokens_total") - before == r["usage"]["prompt_tokens"]
 
 
 def test_tokens_per_second_over_the_window():

@@ -218,7 +218,7 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
         where = "messages" if chat else "prompt"
         _check_choices(len(prompts), body.n, where)
         engine: EngineLoop = app.state.engine
-        jobs, choices = [], []  # (ids, params) per choice; (echo, logprob shaper) per choice
+        jobs, choices = [], []  # (ids, params) per choice; (echo, logprob shaper, lead) per choice
         for ids, echo in prompts:
             if len(ids) > max_prompt:
                 raise P.ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at most {max_prompt}",
@@ -228,6 +228,8 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
                 limit = min(cfg.max_tokens, context - len(ids)) if chat else cfg.default_max_tokens
             if limit > cfg.max_tokens:
                 raise P.ApiError(400, f"{param} is {limit}; this server allows at most {cfg.max_tokens}", param=param)
+            scored = echo is not None and logprobs is not None
+            lead = len(jobs)  # the prompt's first choice: the one that scores an echoed prompt
             for j in range(body.n):
                 # top_p 0 keeps only the most likely token: greedy (SamplingParams itself wants 0 < top_p <= 1)
                 greedy = body.top_p == 0
@@ -237,15 +239,16 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
                     seed=None if body.seed is None else (body.seed + j) % (1 << 64),  # n choices, n samples
                     stop=tuple(body.stop or ()) + extra_stop, top_k=body.top_k,
                     repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,
-                    logprobs=logprobs, prompt_logprobs=logprobs if echo is not None else None)
+                    logprobs=logprobs, prompt_logprobs=logprobs if scored and j == 0 else None)
                 try:  # the engine's own checks (token ids, stops), here: a stream has not answered 200 yet
                     engine.batch.check(ids, params)
                 except BitLLMError as e:
                     raise P.ApiError(400, str(e), param=where) from None
                 jobs.append((ids, params))
-                choices.append((echo, _Logprobs(llm.tokenizer, chat, ids, echo) if logprobs is not None else None))
+                choices.append((echo, _Logprobs(llm.tokenizer, chat, ids, echo) if logprobs is not None else None,
+                                lead if scored and j > 0 else None))
         try:
-            reqs = engine.submit_many(jobs)
+            reqs = engine.submit_many(jobs, n=body.n)
         except QueueFull as e:
             raise P.ApiError(429, str(e), "rate_limit_error", code="server_busy",
                              headers={"Retry-After": str(e.retry_after)}) from None
@@ -309,18 +312,30 @@ def _error_kind(status: int) -> str:
 class _Answer:
     """One HTTP request's choices (one engine request each) read together: their events merged into
     one queue as (choice index, event). If the client goes away, or one choice fails, the choices
-    still running are cancelled (their KV cache slots freed)."""
+    still running are cancelled (their KV cache slots freed).
+
+    An echoed prompt with log-probabilities is scored once, by its first choice (its `lead`): the
+    records depend only on the prompt, so the prompt's other choices reuse them, and their events
+    are held back until they are in (the echoed prompt comes first in each choice)."""
 
     def __init__(self, engine: EngineLoop, reqs: list, choices: list[tuple], id_: str, model: str, chat: bool,
                  prompt_tokens: int) -> None:
-        self.engine, self.reqs, self.choices = engine, reqs, choices
+        self.engine, self.reqs, self.choices = engine, reqs, choices  # choices: (echo, shaper, lead or None)
         self.id, self.model, self.chat, self.prompt_tokens = id_, model, chat, prompt_tokens
         self.done = [False] * len(reqs)
+        self.prompt_in = [asyncio.Event() for _ in reqs]  # its prompt's records are in
         self.merged: asyncio.Queue = asyncio.Queue()
         self.tasks: list[asyncio.Task] = []
 
+    def _sharing(self, i: int) -> list[int]:
+        """The choices whose echoed prompt is scored by choice i: itself and the ones it leads."""
+        return [k for k, (_, _, lead) in enumerate(self.choices) if k == i or lead == i]
+
     def _start(self) -> None:
         async def forward(i: int, req) -> None:
+            lead = self.choices[i][2]
+            if lead is not None:
+                await self.prompt_in[lead].wait()
             while True:
                 ev = await req.events.get()
                 self.merged.put_nowait((i, ev))
@@ -358,9 +373,12 @@ class _Answer:
                         return JSONResponse(P.error_body("client disconnected", "invalid_request_error"), status_code=499)
                 if ev is None:
                     continue
-                echo, lp = self.choices[i]
+                echo, lp, _ = self.choices[i]
                 if ev.kind == "prompt":
-                    prompt_pos[i] = await asyncio.to_thread(lp.prompt, ev.logprobs)
+                    shaped = await asyncio.to_thread(lp.prompt, ev.logprobs)
+                    for k in self._sharing(i):
+                        prompt_pos[k] = shaped
+                    self.prompt_in[i].set()
                 elif ev.kind == "text":
                     parts[i].append(ev.text)
                     if lp is not None:
@@ -388,7 +406,7 @@ class _Answer:
         completion_tokens = 0
         self._start()
         try:
-            for i, (echo, lp) in enumerate(self.choices):
+            for i, (echo, lp, _) in enumerate(self.choices):
                 if self.chat:
                     yield json.dumps(chunk(self.id, self.model, {"role": "assistant", "content": ""}, None, index=i))
                 elif echo is not None and lp is None:
@@ -396,10 +414,12 @@ class _Answer:
             held = None
             while not all(self.done):
                 (i, ev), held = held or await self.merged.get(), None
-                echo, lp = self.choices[i]
+                echo, lp, _ = self.choices[i]
                 if ev.kind == "prompt":
-                    positions = await asyncio.to_thread(lp.prompt, ev.logprobs)
-                    yield json.dumps(chunk(self.id, self.model, echo, None, lp.shape(positions), index=i))
+                    shaped = lp.shape(await asyncio.to_thread(lp.prompt, ev.logprobs))
+                    for k in self._sharing(i):
+                        yield json.dumps(chunk(self.id, self.model, echo, None, shaped, index=k))
+                    self.prompt_in[i].set()
                 elif ev.kind == "text":
                     text, records = ev.text, list(ev.logprobs)
                     while not self.merged.empty():  # a slow reader gets the pieces that piled up as one chunk

@@ -11,11 +11,12 @@ scores the prompt too (lm-eval's `local-completions` log-likelihood requests).
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 
@@ -120,6 +121,17 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
     best_of: int | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _token_ids(cls, v):
+        """A token id is a JSON integer: pydantic's lax mode would read true, 1.0 and "1" as 1."""
+        if isinstance(v, list) and not all(isinstance(one, str) for one in v):
+            for one in v:
+                for t in one if isinstance(one, list) else [one]:
+                    if type(t) is not int:
+                        raise ValueError(f"{json.dumps(t)} is not a token id (token ids are integers)")
+        return v
+
     def unsupported(self) -> None:
         super().unsupported()
         if self.suffix:
@@ -182,7 +194,7 @@ class TokenizeRequest(_Nullable):
 
 
 class DetokenizeRequest(BaseModel):
-    tokens: list[int]
+    tokens: list[StrictInt]  # not true or 1.0 (pydantic's lax mode reads them as 1)
 
 
 # --- responses ---------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ class Request:
     logprobs_sent: int = 0  # generated tokens whose records went out
     prompt_sent: bool = False  # the prompt's records went out
     ended: bool = False  # its last event ("done" or "error") went out: a later cancel is not a cancellation
+    shares_prompt: bool = False  # a prompt's choice after the first: the first counts the prompt's tokens
 
 
 
@@ -132,7 +133,7 @@ class Metrics:
         with self.lock:
             metric("bitllm_requests_total", "counter", "HTTP requests answered, by endpoint and status code.",
                    [(f'{{endpoint="{e}",code="{c}"}}', n) for (e, c), n in sorted(self.requests.items())] or [("", 0)])
-            metric("bitllm_prompt_tokens_total", "counter", "Prompt tokens admitted.", [("", self.prompt_tokens)])
+            metric("bitllm_prompt_tokens_total", "counter", "Prompt tokens admitted (each prompt once, whatever n).", [("", self.prompt_tokens)])
             metric("bitllm_completion_tokens_total", "counter", "Tokens generated.", [("", self.completion_tokens)])
             metric("bitllm_cancelled_total", "counter", "Requests cancelled because the client went away.", [("", self.cancelled)])
             metric("bitllm_timeouts_total", "counter", "Requests stopped at their deadline.", [("", self.timeouts)])
@@ -183,10 +184,11 @@ class EngineLoop:
             self._cond.notify()
         self._thread.join(timeout=30)
 
-    def submit_many(self, jobs: list[tuple[list[int], SamplingParams]], timeout: float | None = None) -> list[Request]:
-        """Queue several sequences at once (one HTTP request's prompts and choices): all of them, or
-        none and QueueFull when the queue cannot take them all. Each one's events arrive on its
-        `request.events`."""
+    def submit_many(self, jobs: list[tuple[list[int], SamplingParams]], timeout: float | None = None,
+                    n: int = 1) -> list[Request]:
+        """Queue several sequences at once (one HTTP request's prompts and choices, `n` choices per
+        prompt one after the other): all of them, or none and QueueFull when the queue cannot take them
+        all. Each one's events arrive on its `request.events`."""
         loop = asyncio.get_running_loop()
         with self._cond:
             if len(self._waiting) + len(jobs) > self.max_queue:
@@ -194,7 +196,8 @@ class EngineLoop:
                     self.metrics.rejected += 1
                 raise QueueFull(self._retry_after())
             deadline = time.monotonic() + (timeout or self.timeout)
-            reqs = [Request(prompt, params, deadline, loop, asyncio.Queue(), id=next(self._ids)) for prompt, params in jobs]
+            reqs = [Request(prompt, params, deadline, loop, asyncio.Queue(), id=next(self._ids),
+                            shares_prompt=k % n > 0) for k, (prompt, params) in enumerate(jobs)]
             self._waiting.extend(reqs)
             self._cond.notify()
         return reqs
@@ -316,8 +319,9 @@ class EngineLoop:
                 self._push(req, Event("error", text=str(e) if isinstance(e, BitLLMError) else "internal error",
                                status=400 if isinstance(e, BitLLMError) else 500))
                 continue
-            with self.metrics.lock:
-                self.metrics.prompt_tokens += len(req.prompt)
+            if not req.shares_prompt:  # each prompt once, however many choices: as usage.prompt_tokens
+                with self.metrics.lock:
+                    self.metrics.prompt_tokens += len(req.prompt)
             with self._cond:
                 self._live[req.seq_id] = req
             if self.batch.seqs[req.seq_id].finished:  # max_tokens 0
