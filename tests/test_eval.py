@@ -333,9 +333,13 @@ def test_bench_reports_every_field(tmp_path, ternary_dir):
             assert r[key]["reps"] == 5 and r[key]["median"] >= r[key]["min"] > 0
         assert r["latency_ms"]["p50"] <= r["latency_ms"]["p90"] <= r["latency_ms"]["p99"]
         assert all(r["batched"][str(b)]["tok_s"]["median"] > 0 for b in (1, 4, 16))
-        assert r["energy"]["joules_per_token"] > 0 and r["roofline_pct"] > 0
-        if r["energy"]["estimate"]:
-            assert r["energy"]["method"].startswith("ESTIMATE")
+        e = r["energy"]
+        assert e["joules_per_token"] > 0 and e["prefill_joules_per_token"] > 0 and r["roofline_pct"] > 0
+        # decode steps are 3 of the 4 generated tokens: their energy is part of the whole, not all of it
+        assert 3 * e["joules_per_token"] < 4 * e["total_joules_per_generated_token"]
+        if e["estimate"]:
+            assert e["method"].startswith("ESTIMATE")
+            assert e["joules_per_token"] == pytest.approx(e["cpu_s_per_token"] * cfg.watts_per_core)
     assert rows["bitllm"]["backend"] == "native" and rows["fp"]["backend"] == "hf"
     md = bench_markdown(res)
     assert ("ESTIMATE" in md) == rows["bitllm"]["energy"]["estimate"]

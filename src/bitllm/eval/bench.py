@@ -115,7 +115,8 @@ def cpu_seconds() -> float:
 
 
 class EnergyMeter:
-    """Energy over a block: RAPL when readable, else CPU-seconds x watts_per_core (an ESTIMATE)."""
+    """Energy over a block: RAPL when readable, else CPU-seconds x watts_per_core (an ESTIMATE).
+    `mark(phase)` inside the block splits it into named phases (phase_joules, phase_cpu_s at exit)."""
 
     def __init__(self, watts_per_core: float) -> None:
         self.watts = watts_per_core
@@ -123,14 +124,32 @@ class EnergyMeter:
 
     def __enter__(self):
         self.r0, self.c0 = (_rapl_read() if self.rapl else None), cpu_seconds()
+        self._phases: dict[str, list[float]] = {}  # phase -> [RAPL joules, CPU seconds]
+        self._open: tuple | None = None  # (phase, RAPL reading, CPU seconds) where it started
         return self
 
+    def mark(self, phase: str | None) -> None:
+        """End the current phase (if any) and start `phase` (None: none until the next mark)."""
+        r, c = (_rapl_read() if self.rapl else None), cpu_seconds()
+        if self._open is not None:
+            name, r0, c0 = self._open
+            acc = self._phases.setdefault(name, [0.0, 0.0])
+            if r0 is None or r is None:
+                self.rapl = False
+            else:
+                acc[0] += rapl_delta_joules(r0, r)
+            acc[1] += c - c0
+        self._open = None if phase is None else (phase, r, c)
+
     def __exit__(self, *exc) -> None:
+        self.mark(None)
         self.cpu_s = cpu_seconds() - self.c0
         r1 = _rapl_read() if self.rapl else None
         if self.r0 is None or r1 is None:  # never readable, or stopped being so: the labelled estimate
             self.rapl = False
         self.joules = rapl_delta_joules(self.r0, r1) if self.rapl else self.cpu_s * self.watts
+        self.phase_cpu_s = {k: c for k, (_, c) in self._phases.items()}
+        self.phase_joules = {k: (j if self.rapl else c * self.watts) for k, (j, c) in self._phases.items()}
 
     @property
     def method(self) -> str:
@@ -167,12 +186,14 @@ def measure_llm(spec: str, cfg: BenchConfig, backend: str = "auto") -> dict:
     vocab = llm.backend.vocab
     params = SamplingParams(max_new_tokens=cfg.gen_tokens, ignore_eos=True)
 
-    def one(prompt):
+    def one(prompt, mark=lambda phase: None):
         b = llm.batch()
         sid = b.add(prompt, params)
+        mark("prefill")
         t = time.perf_counter()
         b.step()  # prefill (and the first token)
         pre = time.perf_counter() - t
+        mark("decode")
         steps = []
         while not b.seqs[sid].finished:
             t = time.perf_counter()
@@ -244,12 +265,14 @@ def measure_llama_cpp(gguf_path: str, cfg: BenchConfig) -> dict:
     rss1 = rss_mib()
     vocab = lcpp.n_vocab()
 
-    def one(prompt):
+    def one(prompt, mark=lambda phase: None):
         lcpp.reset()
+        mark("prefill")
         t = time.perf_counter()
         lcpp.eval(prompt)
         tok = int(np.argmax(lcpp.scores[lcpp.n_tokens - 1]))
         pre = time.perf_counter() - t
+        mark("decode")
         steps = []
         for _ in range(cfg.gen_tokens - 1):
             t = time.perf_counter()
@@ -281,11 +304,12 @@ def _measure(cfg: BenchConfig, one, batched, vocab: int, load_s: float, rss0: fl
     meter = EnergyMeter(cfg.watts_per_core)
     with meter:
         for _ in range(cfg.reps):
-            pre, steps = one(prompt)
+            pre, steps = one(prompt, meter.mark)
+            meter.mark(None)
             prefill.append(cfg.prompt_tokens / pre)
             decode.append(len(steps) / sum(steps))
             steps_all.extend(steps)
-    n_decode = len(steps_all) + cfg.reps  # the first token of each rep came with its prefill
+    n_tokens = len(steps_all) + cfg.reps  # the first token of each rep came with its prefill
     ms = np.asarray(steps_all) * 1e3
     row = {
         "backend": backend_name,
@@ -297,9 +321,13 @@ def _measure(cfg: BenchConfig, one, batched, vocab: int, load_s: float, rss0: fl
         "latency_ms": {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
                        "p99": float(np.percentile(ms, 99))},
         "bytes_per_token": bytes_per_token,
-        "energy": {"joules_per_token": meter.joules / n_decode, "cpu_s_per_token": meter.cpu_s / n_decode,
+        "energy": {"joules_per_token": meter.phase_joules["decode"] / len(steps_all),
+                   "cpu_s_per_token": meter.phase_cpu_s["decode"] / len(steps_all),
+                   "prefill_joules_per_token": meter.phase_joules["prefill"] / (cfg.reps * cfg.prompt_tokens),
+                   "total_joules_per_generated_token": meter.joules / n_tokens,
                    "estimate": not meter.rapl, "method": meter.method,
-                   "note": "over the timed single-sequence reps, prefill included"},
+                   "note": "joules_per_token: decode steps only; prefill_joules_per_token: per prompt token; "
+                           "total: the timed reps' energy over every generated token, prefill included"},
         "batched": {},
     }
     for bs in cfg.batch_sizes:

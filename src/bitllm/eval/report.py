@@ -34,7 +34,7 @@ def bench_markdown(res: dict) -> str:
     bs_keys = [str(b) for b in res["config"]["batch_sizes"]]
     headers = ["engine", "file MiB", "RSS growth at load MiB", "model RSS MiB (peak - before)", "peak RSS MiB", "prefill tok/s (med/min)",
                "decode tok/s (med/min)", "decode x base", "p50/p90/p99 ms", "% roofline",
-               *[f"batch {b} tok/s" for b in bs_keys], "J/token"]
+               *[f"batch {b} tok/s" for b in bs_keys], "J/decode token"]
     rows = []
     for r in res["rows"]:
         if "skipped" in r:
