@@ -140,6 +140,29 @@ def test_torch_compile_fullgraph_runs_the_kernels(tmp_path, method, fmt):
         assert torch.equal(torch.compile(loaded, fullgraph=True, backend="eager")(ids).logits, eager)
 
 
+
+def test_torch_compile_fullgraph_of_unprepared_layers_names_the_fix():
+    """Layers converted by hand (pack_) and never run have no kernel-layout weights, and repacking cannot
+    be traced: fullgraph=True must fail with bitllm's message naming the fix, and the fix must work."""
+    import re
+
+    from bitllm.errors import BitLLMError
+
+    model = tiny_model("llama", embed_std=1.0)
+    quantize_(model, config_for("ternary"))
+    pack_(model, "i2")
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
+    fix = "model.apply(lambda m: m.prepare() if isinstance(m, PackedLinear) else None)"
+    with torch.inference_mode():
+        torch._dynamo.reset()
+        # dynamo reports an exception raised in traced code as its own error, with bitllm's message inside
+        with pytest.raises((BitLLMError, torch._dynamo.exc.TorchDynamoException), match=re.escape(fix)):
+            torch.compile(model, fullgraph=True, backend="eager")(ids)
+        model.apply(lambda m: m.prepare() if isinstance(m, PackedLinear) else None)
+        eager = model(ids).logits
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(model, fullgraph=True, backend="eager")(ids).logits, eager)
+
 def test_packed_linear_operator_passes_opcheck():
     """The custom operator's registration (schema, fake tensor shape, no hidden mutation) as PyTorch checks it."""
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bitllm.errors import BitLLMError
 from bitllm.quant.config import Method
 
 _AVAILABLE: bool | None = None
@@ -30,10 +31,15 @@ def available() -> bool:
 def _kernel_state(layer):
     """(PackedWeight, wscale (N,), bias or None), built on first use and cached on the layer."""
     if layer._kernel_weight is None:
-        if torch.compiler.is_compiling():  # repacking is not a graph op: it must have happened before
-            raise RuntimeError(
-                "PackedLinear: its kernel-layout weights are not built; call layer.prepare() (bitllm's "
-                "from_pretrained does, .to() and load_state_dict undo it) or run the model once before torch.compile"
+        # Repacking is not a graph op and nothing outside the trace can run it (hooks are traced too). Raised
+        # in traced code: without fullgraph dynamo breaks the graph and the eager rerun builds the weights;
+        # with fullgraph=True it reports this message inside its own "Observed exception" error.
+        if torch.compiler.is_compiling():
+            raise BitLLMError(
+                f"PackedLinear({layer.extra_repr()}) has no kernel-layout weights, which torch.compile needs "
+                "built before tracing; call model.apply(lambda m: m.prepare() if isinstance(m, PackedLinear) "
+                "else None), or layer.prepare(), before torch.compile (bitllm.from_pretrained prepares its "
+                "layers; .to() and load_state_dict keep them prepared)"
             )
         from bitllm import kernels
         from bitllm.formats.packing import unpack

@@ -165,7 +165,8 @@ class PackedLinear(nn.Module):
     def prepare(self) -> "PackedLinear":
         """Build now what the forward pass would build at its first call: the kernel-layout weights
         when the native kernels run it (not in BITLLM_KERNEL=reference mode). torch.compile and
-        torch.export need them built beforehand: repacking is not a graph op. Returns self."""
+        torch.export need them built beforehand: repacking is not a graph op. For a whole model:
+        `model.apply(lambda m: m.prepare() if isinstance(m, PackedLinear) else None)`. Returns self."""
         if kernel_mode() != "reference" and self.weight.device.type == "cpu" and not self.weight.is_meta:
             from bitllm.nn import native
 
