@@ -71,7 +71,7 @@ inline void t1_block_codes(const uint8_t* blk, uint8_t* c) {
     const __m128i b = _mm_cvtsi64_si128((long long)nib8), m15 = _mm_set1_epi8(15);
     const __m128i lo = _mm_and_si128(b, m15), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m15);
     const __m128i nib = _mm_unpacklo_epi16(lo, hi);  // group g: byte 2(g/4) + g%2, high iff (g/2) odd
-    // high bit of group g: bit g/2 of byte 8 + g%2
+    // sign bit of group g: bit g/2 of byte 8 + g%2
     const __m128i h = _mm_shuffle_epi8(_mm_cvtsi32_si128(hb2), _mm_set1_epi16(0x0100));
     const __m128i bit = _mm_setr_epi8(1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 64, 64, (char)128, (char)128);
     const __m128i high = _mm_cmpeq_epi8(_mm_and_si128(h, bit), bit);  // 0xFF: code >= 16

@@ -249,7 +249,7 @@ void f32_avx512(const PackedView& w, const F32Acts& a, const float* wscale, cons
 // index = code (nibble + 16·sign bit) + 32·slot. A 64-byte load holds
 // row-order bytes j..j+3 of the tile's 16 rows; its low and high nibbles are two index vectors
 // (groups g = 8(k/2) + 4(s/2) + 2(k%2) + s%2 for index vector k, slot s; kernels_internal.h). The
-// high bit of each group sits in the tile-block's bytes 8 and 9 (broadcast to both halves), bit
+// sign bit of each group sits in the tile-block's bytes 8 and 9 (broadcast to both halves), bit
 // 4(k/2) + (k%2) + 2(s/2): a vptestmb mask adds 16 to those bytes. Per 192 weight-rows: ~4 ops for
 // the indices, 2 vpermi2b, 2 unpacks, 2 adds (the AVX2 kernel: ~32).
 constexpr int kT1Group = 10;  // blocks per int16 run: 4 lookups of |T| <= 768 per lane per block, 40·768 < 2^15

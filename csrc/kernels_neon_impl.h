@@ -28,9 +28,9 @@ void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
                 }
             break;
         case Format::T1: {
-            // Per 48-column block: the 16 group codes v = nibble | high bit << 4 (t1_code's bytes and
-            // shifts, gathered with tbl), their 3 base-3 digits by 32-entry tbl lookups (every 5-bit
-            // code, 27..31 included, as decode_row_codes_generic), and one 3-way interleaving store:
+            // Per 48-column block: the 16 group codes x = nibble | sign bit << 4 (t1_code's bytes and
+            // shifts, gathered with tbl), the 3 base-3 digits of their patterns by 32-entry tbl lookups
+            // (every 5-bit code, as decode_row_codes_generic: kT1Digits), and one 3-way interleaving store:
             // digit j of group g is column 3g + j.
             static const uint8_t kNibByte[16] = {0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7};
             static const int8_t kNibShift[16] = {0, 0, -4, -4, 0, 0, -4, -4, 0, 0, -4, -4, 0, 0, -4, -4};
