@@ -271,6 +271,19 @@ def test_several_prompts_and_n_choices(llm, server, client):
     assert server.app.state.engine.kv_sequences() == 0
 
 
+def _spy_on_submissions(server, monkeypatch, field: str) -> list:
+    """The `field` of every SamplingParams the server submits to its engine loop, in order."""
+    seen: list = []
+    submit_many = server.engine.submit_many
+
+    def spy(jobs, *a, **k):
+        seen.extend(getattr(params, field) for _, params in jobs)
+        return submit_many(jobs, *a, **k)
+
+    monkeypatch.setattr(server.engine, "submit_many", spy)
+    return seen
+
+
 def test_echoed_prompt_is_scored_once_for_n_choices(llm, server, monkeypatch):
     """With echo + logprobs and n > 1, only a prompt's first choice asks the engine for the prompt's
     log-probabilities; its other choices reuse those records (they depend only on the prompt), in
@@ -281,14 +294,7 @@ def test_echoed_prompt_is_scored_once_for_n_choices(llm, server, monkeypatch):
     prompts = ["the quick brown fox jumps over the lazy dog " * 3, "a bit of text " * 9, "models and bytes " * 9]
     lengths = [len(llm.encode(p)) for p in prompts]
     assert sum(lengths) > PROMPT_LOGPROBS_CHUNK and max(lengths) <= 100
-    asked = []
-    submit_many = server.engine.submit_many
-
-    def spy(jobs, *a, **k):
-        asked.extend(params.prompt_logprobs for _, params in jobs)
-        return submit_many(jobs, *a, **k)
-
-    monkeypatch.setattr(server.engine, "submit_many", spy)
+    asked = _spy_on_submissions(server, monkeypatch, "prompt_logprobs")
     body = {"prompt": prompts, "max_tokens": 1, "temperature": 1.0, "seed": 5, "echo": True, "logprobs": 2, "n": 3}
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=30).json()
     assert asked == [2, None, None] * 3  # one scored sequence per prompt
@@ -566,14 +572,7 @@ def test_model_lookup_and_name(client):
 def test_chat_without_template_ends_the_turn_like_llm_chat(llm, server, client, monkeypatch):
     """A model without a chat template sees a "User: ... Assistant:" transcript; as in LLM.chat, the
     answer must stop at the next "\nUser:" instead of writing the user's turns too."""
-    seen = []
-    submit_many = server.engine.submit_many
-
-    def spy(jobs, *a, **k):
-        seen.extend(params.stop for _, params in jobs)
-        return submit_many(jobs, *a, **k)
-
-    monkeypatch.setattr(server.engine, "submit_many", spy)
+    seen = _spy_on_submissions(server, monkeypatch, "stop")
     monkeypatch.setattr(llm.tokenizer, "chat_template", None)
     messages = [{"role": "user", "content": "Hi"}]
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, stop="zz")
