@@ -59,46 +59,6 @@ struct Fmt<Format::I2> {
 // Decode rows into codes (GEMM and F32 paths)
 // ============================================================================================
 
-// One T1 block (10 bytes, row order) -> its 48 codes. The 16 group codes come out in group order
-// from (low nibbles, high nibbles) interleaved by 16-bit pairs plus the sign bits selected per group;
-// each code's 3 base-3 digits are two 16-entry table lookups (sign bit clear or set), then the three
-// digit vectors are interleaved to column order 3g + j.
-inline void t1_block_codes(const uint8_t* blk, uint8_t* c) {
-    uint64_t nib8;
-    uint16_t hb2;
-    std::memcpy(&nib8, blk, 8);
-    std::memcpy(&hb2, blk + 8, 2);
-    const __m128i b = _mm_cvtsi64_si128((long long)nib8), m15 = _mm_set1_epi8(15);
-    const __m128i lo = _mm_and_si128(b, m15), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m15);
-    const __m128i nib = _mm_unpacklo_epi16(lo, hi);  // group g: byte 2(g/4) + g%2, high iff (g/2) odd
-    // sign bit of group g: bit g/2 of byte 8 + g%2
-    const __m128i h = _mm_shuffle_epi8(_mm_cvtsi32_si128(hb2), _mm_set1_epi16(0x0100));
-    const __m128i bit = _mm_setr_epi8(1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 64, 64, (char)128, (char)128);
-    const __m128i high = _mm_cmpeq_epi8(_mm_and_si128(h, bit), bit);  // 0xFF: code >= 16
-    __m128i d[3];
-    for (int j = 0; j < 3; ++j)
-        d[j] = _mm_blendv_epi8(_mm_shuffle_epi8(_mm_load_si128((const __m128i*)kT1Digits.d[j]), nib),
-                               _mm_shuffle_epi8(_mm_load_si128((const __m128i*)(kT1Digits.d[j] + 16)), nib), high);
-    // output byte o (0..47) = d[o % 3][o / 3]
-    alignas(16) static const struct Interleave {
-        int8_t idx[3][3][16];  // [output 16-byte part][digit j]
-        Interleave() {
-            for (int part = 0; part < 3; ++part)
-                for (int j = 0; j < 3; ++j)
-                    for (int i = 0; i < 16; ++i) {
-                        const int o = 16 * part + i;
-                        idx[part][j][i] = int8_t(o % 3 == j ? o / 3 : -128);
-                    }
-        }
-    } I;
-    for (int part = 0; part < 3; ++part) {
-        __m128i v = _mm_setzero_si128();
-        for (int j = 0; j < 3; ++j)
-            v = _mm_or_si128(v, _mm_shuffle_epi8(d[j], _mm_load_si128((const __m128i*)I.idx[part][j])));
-        _mm_storeu_si128((__m128i*)(c + 16 * part), v);
-    }
-}
-
 // y[r] byte c = x[c] byte r: a 16x16 byte transpose in four rounds of unpacks (8, 16, 32, 64 bits).
 inline void transpose16x16(const __m128i* x, __m128i* y) {
     __m128i a[16], b[16], c[16];
@@ -128,7 +88,7 @@ inline void transpose16x16(const __m128i* x, __m128i* y) {
 // once — a group's digits are pshufb lookups of its nibble in the digit tables of v = 13 + i, and a set
 // sign bit turns digit d into 2 - d = |d - 2| — then the 48 digit vectors (one byte per row) are
 // transposed into rows. ~0.5 vector ops per weight, against ~1.2 for gathering each row's bytes and
-// decoding it alone (t1_block_codes).
+// decoding it alone (the form before session 8).
 void t1_tile_codes(const PackedView& w, int64_t t, uint8_t* codes, int64_t ldc) {
     const __m128i m15 = _mm_set1_epi8(15), two = _mm_set1_epi8(2);
     const __m128i d0 = _mm_load_si128((const __m128i*)kT1Digits.d[0]), d1 = _mm_load_si128((const __m128i*)kT1Digits.d[1]),
@@ -169,9 +129,7 @@ void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
                                         _mm256_and_si256(_mm256_srli_epi16(v, 2 * i), m3));
             }
             break;
-        case Format::T1:  // the GEMV uses table lookups instead; GEMM and F32 decode rows here
-            for (int64_t b = 0; b < Kp / kT1Weights; ++b)
-                t1_block_codes(row + (int64_t)sizeof(BlockT1) * b, codes + kT1Weights * b);
+        case Format::T1:  // never called: T1 decodes whole tiles (t1_tile_codes)
             break;
         case Format::B1: {
             // 32 codes from 4 bytes: byte k copied to lanes 8k..8k+7, lane i of each tests bit i
@@ -428,14 +386,21 @@ inline float tree16(__m256 lo, __m256 hi) {
 template <Format F>
 void f32_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,
               int64_t n0, int64_t n1) {
-    std::vector<uint8_t> codes((size_t)w.Kp), buf((size_t)w.row_bytes);  // one row: codes, bytes
+    // T1: a whole tile's codes at a time (t1_tile_codes); the others: one row's
+    constexpr int64_t kRows = F == Format::T1 ? kTileRows : 1;
+    std::vector<uint8_t> codes((size_t)(kRows * w.Kp)), buf((size_t)w.row_bytes);
     for (int64_t n = n0; n < n1; ++n) {
-        decode_codes(F, row_of(w, n, buf.data()), w.Kp, codes.data());
+        const uint8_t* c = codes.data() + (n % kRows) * w.Kp;
+        if constexpr (F == Format::T1) {
+            if (n == n0 || n % kTileRows == 0) t1_tile_codes(w, n / kTileRows, codes.data(), w.Kp);
+        } else {
+            decode_codes(F, row_of(w, n, buf.data()), w.Kp, codes.data());
+        }
         for (int64_t m = 0; m < a.M; ++m) {
             const float* x = a.x + m * a.ldx;
             __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
             for (int64_t k = 0; k < w.Kp; k += 16) {
-                const __m128i c16 = _mm_loadu_si128((const __m128i*)(codes.data() + k));
+                const __m128i c16 = _mm_loadu_si128((const __m128i*)(c + k));
                 lo = _mm256_add_ps(lo, signed_select(c16, _mm256_loadu_ps(x + k)));
                 hi = _mm256_add_ps(hi, signed_select(_mm_srli_si128(c16, 8), _mm256_loadu_ps(x + k + 8)));
             }
