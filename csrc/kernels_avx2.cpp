@@ -129,7 +129,8 @@ void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
                                         _mm256_and_si256(_mm256_srli_epi16(v, 2 * i), m3));
             }
             break;
-        case Format::T1:  // never called: T1 decodes whole tiles (t1_tile_codes)
+        case Format::T1:  // whole tiles go through t1_tile_codes; a row off the 16-row grid, through the scalar decoder
+            decode_row_codes_generic(f, row, Kp, codes);
             break;
         case Format::B1: {
             // 32 codes from 4 bytes: byte k copied to lanes 8k..8k+7, lane i of each tests bit i
@@ -283,7 +284,7 @@ void gemm_tiles(Format f, const PackedView& w, const A8Acts& a, const float* wsc
     for (int64_t n = n0; n < n1; n += kTile) {
         const int64_t rn = std::min<int64_t>(kTile, n1 - n);
         const int64_t rt = (rn + kNR - 1) / kNR * kNR;  // rows computed (whole micro-kernels)
-        if (f == Format::T1) {  // whole tiles: rows past N decode as code 1
+        if (f == Format::T1 && n % kTileRows == 0) {  // a whole tile (the row threads split at multiples of 16)
             t1_tile_codes(w, n / kTileRows, codes.data(), Kp);
         } else {
             for (int64_t r = 0; r < rn; ++r) decode_codes(f, row_of(w, n + r, rowbuf.data()), Kp, &codes[r * Kp]);
