@@ -207,7 +207,7 @@ inline void with_rows(int mb, F&& f) {
 // ---- T1 table kernels (AVX2 and AVX-512): what they share ----
 // Table bytes per 48-column block: AVX2's sign-folded w-sums (8 index vectors x 16 int16 entries x
 // 2 groups), AVX-512's c-sums (16 groups x 32 int16 entries).
-inline int64_t t1_lut_block_bytes(bool avx512) { return avx512 ? 1024 : 512; }
+constexpr int64_t t1_lut_block_bytes(bool avx512) { return avx512 ? 1024 : 512; }
 constexpr int64_t kT1TileBlockBytes = kTileRows * (int64_t)sizeof(BlockT1);  // 160
 constexpr int64_t kT1LutMaxRows = 16;  // activation rows served by tables (more: the decoded-tile GEMM)
 
