@@ -23,6 +23,11 @@ static inline simde__m512i bitllm_mm512_cvtepu8_epi32(simde__m128i a) {
 }
 #define _mm512_cvtepu8_epi32 bitllm_mm512_cvtepu8_epi32
 #define _mm512_cmpneq_epi32_mask(a, b) ((simde__mmask16)~simde_mm512_cmpeq_epi32_mask(a, b))
+static inline simde__m512i bitllm_mm512_srai_epi32(simde__m512i a, unsigned s) {
+    return simde_mm512_inserti64x4(simde_mm512_castsi256_si512(simde_mm256_srai_epi32(simde_mm512_castsi512_si256(a), (int)s)),
+                                   simde_mm256_srai_epi32(simde_mm512_extracti64x4_epi64(a, 1), (int)s), 1);
+}
+#define _mm512_srai_epi32 bitllm_mm512_srai_epi32
 #else
 #include <immintrin.h>
 #endif
@@ -30,6 +35,7 @@ static inline simde__m512i bitllm_mm512_cvtepu8_epi32(simde__m128i a) {
 // Vector types as template arguments (Ops<__m512i>) drop their alignment attribute; harmless here.
 #pragma GCC diagnostic ignored "-Wignored-attributes"
 
+#include <cstring>
 #include <vector>
 
 #include "kernels_internal.h"
@@ -39,9 +45,6 @@ namespace {
 
 inline __m256i load256(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
 inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
-inline __m512i pair(const int8_t* lo, const int8_t* hi) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(load256(lo)), load256(hi), 1);
-}
 inline int32_t hsum256(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
@@ -105,16 +108,64 @@ inline int32_t finish(int32_t s, int32_t qsum) {
 // A8
 // ============================================================================================
 
-template <Format F, int R>
-inline void gemv_rows(const PackedView& w, const int8_t* q, int64_t n, int32_t* res) {
-    using P = Planes<F, __m512i>;
-    using P2 = Planes<F, __m256i>;
-    const int64_t nb = w.Kp / P::kW;
+// I2 activations in block-pair order, built once per call (a8_i2_prep_avx512): for each pair p of
+// 128-column blocks, plane i's 64 bytes are q[256p + 32i, +32) then q[256p + 128 + 32i, +32), the
+// two halves a zmm of codes pairs with, so that one load serves a plane of both blocks (before: a
+// load and a vinserti64x4). An odd last block keeps its 128 bytes in column order.
+void a8_i2_prep_avx512(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
+    const int64_t Kp = w.Kp, pairs = Kp / 256;
+    scratch.resize((size_t)(a.M * Kp + 64));
+    int8_t* dst = reinterpret_cast<int8_t*>(scratch.data() + ((64 - (reinterpret_cast<uintptr_t>(scratch.data()) & 63)) & 63));
+    for (int64_t m = 0; m < a.M; ++m) {
+        const int8_t* src = a.q + m * a.ldq;
+        int8_t* d = dst + m * Kp;
+        for (int64_t p = 0; p < pairs; ++p)
+            for (int i = 0; i < 4; ++i) {
+                std::memcpy(d + 256 * p + 64 * i, src + 256 * p + 32 * i, 32);
+                std::memcpy(d + 256 * p + 64 * i + 32, src + 256 * p + 128 + 32 * i, 32);
+            }
+        std::memcpy(d + 256 * pairs, src + 256 * pairs, (size_t)(Kp - 256 * pairs));
+    }
+    a.lut = reinterpret_cast<const uint8_t*>(dst);
+}
+
+// An opaque copy of v: gcc otherwise folds a loaded vector into every instruction that uses it, one
+// 64-byte load each (4 per weight vector here), and Zen 4 issues one zmm load per cycle.
+inline __m512i in_register(__m512i v) {
+#if !defined(BITLLM_SIMDE_AVX512)
+    __asm__("" : "+v"(v));
+#endif
+    return v;
+}
+
+// GEMV (M = 1) over R rows, memory-bound: plane i of a weight vector is `v & (3 << 2i)` with no
+// shift, 4^i times the codes, summed in an accumulator of its own; the exact quotients (srai) are
+// added at the end. 2 ops per 64 weight-rows (and, vpdpbusd), the 4 activation vectors of a block
+// pair shared by the R rows. R = 3: 12 accumulators + 4 activations + 4 masks stay in registers
+// (R = 4 made gcc spill and copy accumulators: 1536x4096 hot at 124 G weights/s, R = 3 in a
+// microbenchmark 167).
+struct PlaneAcc {
+    __m512i a0, a1, a2, a3;
+};
+inline void plane_step(PlaneAcc& acc, __m512i v, const __m512i* q) {
+    acc.a0 = _mm512_dpbusd_epi32(acc.a0, _mm512_and_si512(v, _mm512_set1_epi8(0x03)), q[0]);
+    acc.a1 = _mm512_dpbusd_epi32(acc.a1, _mm512_and_si512(v, _mm512_set1_epi8(0x0C)), q[1]);
+    acc.a2 = _mm512_dpbusd_epi32(acc.a2, _mm512_and_si512(v, _mm512_set1_epi8(0x30)), q[2]);
+    acc.a3 = _mm512_dpbusd_epi32(acc.a3, _mm512_and_si512(v, _mm512_set1_epi8((char)0xC0)), q[3]);
+}
+inline __m512i plane_total(PlaneAcc a) {  // by value: an address taken keeps the accumulators in memory
+    return _mm512_add_epi32(_mm512_add_epi32(a.a0, _mm512_srai_epi32(a.a1, 2)),
+                            _mm512_add_epi32(_mm512_srai_epi32(a.a2, 4), _mm512_srai_epi32(a.a3, 6)));
+}
+
+template <int R>
+__attribute__((noinline)) void i2_gemv_rows(const PackedView& w, const int8_t* q, int64_t n, int32_t* res) {
+    const int64_t nb = w.Kp / kI2Weights;
     const uint8_t* rows[R];
-    __m512i acc[R];
+    PlaneAcc acc[R];
     for (int r = 0; r < R; ++r) {
         rows[r] = w.data + (n + r) * w.row_bytes;
-        acc[r] = _mm512_setzero_si512();
+        acc[r] = PlaneAcc{_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
     }
     // Software prefetch at least one whole tile of R rows ahead (the range walks [pf, pf + R*row_bytes)
     // at the pace the tile is consumed; a shorter distance leaves part of each long-row tile
@@ -123,27 +174,113 @@ inline void gemv_rows(const PackedView& w, const int8_t* q, int64_t n, int32_t* 
     const int64_t pf_end = R * w.row_bytes;
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
-        const int8_t* q0 = q + P::kW * b;
-        const int8_t* q1 = q0 + P::kW;
         for (int64_t o = 64 * b * R / 2; o < std::min<int64_t>(pf_end, 64 * (b + 2) * R / 2); o += 64)
             _mm_prefetch(pf + o, _MM_HINT_T0);
-        __m512i qa[P::kN];  // activation planes of both blocks, shared by the R rows
-        for (int i = 0; i < P::kN; ++i) qa[i] = pair(q0 + 32 * i, q1 + 32 * i);
-        for (int r = 0; r < R; ++r) {
-            const P pl(load512(rows[r] + 32 * b));
-            for (int i = 0; i < P::kN; ++i) acc[r] = _mm512_dpbusd_epi32(acc[r], pl.get(i), qa[i]);
+        __m512i qa[4];
+        for (int i = 0; i < 4; ++i) qa[i] = in_register(load512(q + kI2Weights * b + 64 * i));
+        for (int r = 0; r < R; ++r) plane_step(acc[r], in_register(load512(rows[r] + 32 * b)), qa);
+    }
+    for (int r = 0; r < R; ++r) {
+        __m256i tail = _mm256_setzero_si256();
+        if (b < nb) {  // an odd last block: 256-bit, activations in column order
+            const Planes<Format::I2, __m256i> pl(load256(rows[r] + 32 * b));
+            for (int i = 0; i < 4; ++i) tail = _mm256_dpbusd_epi32(tail, pl.get(i), load256(q + kI2Weights * b + 32 * i));
+        }
+        res[r] = hsum512(plane_total(acc[r])) + hsum256(tail);
+    }
+}
+
+// R rows at once against MB > 1 activation rows (block-pair order, ldq apart); res[r][m] = Σ c·q.
+// The planes are shifted down once per row and feed MB vpdpbusd each, the activation loads shared
+// by the R rows.
+template <int R, int MB>
+__attribute__((noinline)) void i2_rows(const PackedView& w, const int8_t* q, int64_t ldq, int64_t n, bool prefetch,
+                                       int32_t* res) {
+    static_assert(MB > 1, "M = 1: i2_gemv_rows");
+    const int64_t nb = w.Kp / kI2Weights;
+    const uint8_t* rows[R];
+    __m512i acc[R][MB];
+    for (int r = 0; r < R; ++r) {
+        rows[r] = w.data + (n + r) * w.row_bytes;
+        for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_si512();
+    }
+    const char* pf = (const char*)(w.data + n * w.row_bytes) + std::max<int64_t>(4096, R * w.row_bytes);
+    const int64_t pf_end = prefetch ? R * w.row_bytes : 0;
+    const __m512i three = _mm512_set1_epi8(3);
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const int8_t* qb = q + kI2Weights * b;
+        for (int64_t o = 64 * b * R / 2; o < std::min<int64_t>(pf_end, 64 * (b + 2) * R / 2); o += 64)
+            _mm_prefetch(pf + o, _MM_HINT_T0);
+        __m512i v[R];
+        for (int r = 0; r < R; ++r) v[r] = in_register(load512(rows[r] + 32 * b));
+        for (int i = 0; i < 4; ++i) {
+            __m512i qa[MB];
+            for (int m = 0; m < MB; ++m) qa[m] = in_register(load512(qb + m * ldq + 64 * i));
+            for (int r = 0; r < R; ++r) {
+                const __m512i pl = _mm512_and_si512(i ? _mm512_srli_epi16(v[r], unsigned(2 * i)) : v[r], three);
+                for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], pl, qa[m]);
+            }
         }
     }
-    __m256i tail[R];
-    for (int r = 0; r < R; ++r) tail[r] = _mm256_setzero_si256();
-    if (b < nb) {
-        const int8_t* q0 = q + P::kW * b;
-        for (int r = 0; r < R; ++r) {
-            const P2 pl(load256(rows[r] + 32 * b));
-            for (int i = 0; i < P2::kN; ++i) tail[r] = _mm256_dpbusd_epi32(tail[r], pl.get(i), load256(q0 + 32 * i));
+    for (int r = 0; r < R; ++r) {
+        __m256i tail[MB];
+        for (int m = 0; m < MB; ++m) tail[m] = _mm256_setzero_si256();
+        if (b < nb) {  // an odd last block: 256-bit, activations in column order
+            const int8_t* qb = q + kI2Weights * b;
+            const Planes<Format::I2, __m256i> pl(load256(rows[r] + 32 * b));
+            for (int i = 0; i < 4; ++i)
+                for (int m = 0; m < MB; ++m) tail[m] = _mm256_dpbusd_epi32(tail[m], pl.get(i), load256(qb + m * ldq + 32 * i));
         }
+        for (int m = 0; m < MB; ++m) res[r * MB + m] = hsum512(acc[r][m]) + hsum256(tail[m]);
     }
-    for (int r = 0; r < R; ++r) res[r] = hsum512(acc[r]) + hsum256(tail[r]);
+}
+
+// Rows [n0, n1). M = 1: 3 rows at a time, then singles. M > 1: 4 rows at a time, their blocks
+// decoded once per group of <= 4 activation rows (the rows stay in L1 between groups, the groups'
+// activations in L1/L2).
+void a8_i2_avx512(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+                  int64_t n0, int64_t n1) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(a.lut);  // block-pair order (a8_i2_prep_avx512)
+    const int64_t ldq = w.Kp;
+    auto emit = [&](int64_t n, int rn, int64_t m0, int mb, const int32_t* res) {
+        for (int r = 0; r < rn; ++r)
+            for (int j = 0; j < mb; ++j)
+                out[(m0 + j) * w.N + n + r] = a8_epilogue(finish<Format::I2>(res[r * mb + j], a.qsum[m0 + j]),
+                                                          a.xscale[m0 + j], wscale[n + r], bias, n + r);
+    };
+    int32_t res[16];
+    if (a.M == 1) {
+        int64_t n = n0;
+        for (; n + 3 <= n1; n += 3) {
+            i2_gemv_rows<3>(w, q, n, res);
+            emit(n, 3, 0, 1, res);
+        }
+        for (; n < n1; ++n) {
+            i2_gemv_rows<1>(w, q, n, res);
+            emit(n, 1, 0, 1, res);
+        }
+        return;
+    }
+    const int64_t groups = (a.M + 3) / 4, base = a.M / groups, extra = a.M % groups;
+    for (int64_t n = n0; n < n1;) {
+        const int rn = n + 4 <= n1 ? 4 : 1;
+        for (int64_t g = 0, m0 = 0; g < groups; ++g) {
+            const int mb = (int)(base + (g < extra));
+            if (mb == 1) {  // M = 5 splits 3 + 2; a group of one only when M = 1 (above)
+                for (int r = 0; r < rn; ++r) i2_gemv_rows<1>(w, q + m0 * ldq, n + r, res + r);
+            } else {
+                with_rows(mb, [&](auto k) {
+                    constexpr int MB = decltype(k)::value < 2 ? 2 : decltype(k)::value;
+                    if (rn == 4) i2_rows<4, MB>(w, q + m0 * ldq, ldq, n, g == 0, res);
+                    else i2_rows<1, MB>(w, q + m0 * ldq, ldq, n, g == 0, res);
+                });
+            }
+            emit(n, rn, m0, mb, res);
+            m0 += mb;
+        }
+        n += rn;
+    }
 }
 
 void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
@@ -156,52 +293,8 @@ void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
             }
             break;
         case Format::T1:
-        case Format::B1:  // never called: T1 and B1 run the AVX2 kernels (kTableAVX512 below)
+        case Format::B1:  // never called: T1 and B1 run the AVX2 F32 kernels (kTableAVX512 below)
             break;
-    }
-}
-
-inline int32_t dot_codes(const uint8_t* c, const int8_t* q, int64_t Kp) {
-    __m512i acc = _mm512_setzero_si512();
-    int64_t k = 0;
-    for (; k + 64 <= Kp; k += 64) acc = _mm512_dpbusd_epi32(acc, load512(c + k), load512(q + k));
-    __m256i t = _mm256_setzero_si256();
-    for (; k < Kp; k += 32) t = _mm256_dpbusd_epi32(t, load256(c + k), load256(q + k));
-    return hsum512(acc) + hsum256(t);
-}
-
-template <Format F>
-void a8_avx512(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
-               int64_t n0, int64_t n1) {
-    if (a.M < 4) {
-        for (int64_t m = 0; m < a.M; ++m) {
-            const int8_t* q = a.q + m * a.ldq;
-            int64_t n = n0;
-            int32_t res[4];
-            for (; n + 4 <= n1; n += 4) {
-                gemv_rows<F, 4>(w, q, n, res);
-                for (int r = 0; r < 4; ++r)
-                    out[m * w.N + n + r] = a8_epilogue(finish<F>(res[r], a.qsum[m]), a.xscale[m], wscale[n + r], bias, n + r);
-            }
-            for (; n < n1; ++n) {
-                gemv_rows<F, 1>(w, q, n, res);
-                out[m * w.N + n] = a8_epilogue(finish<F>(res[0], a.qsum[m]), a.xscale[m], wscale[n], bias, n);
-            }
-        }
-        return;
-    }
-    constexpr int R = 4;
-    std::vector<uint8_t> codes((size_t)(R * w.Kp));  // (R, Kp)
-    for (int64_t n = n0; n < n1; n += R) {
-        const int rn = (int)std::min<int64_t>(R, n1 - n);
-        for (int r = 0; r < rn; ++r) decode_codes(F, w.data + (n + r) * w.row_bytes, w.Kp, &codes[r * w.Kp]);
-        for (int64_t m = 0; m < a.M; ++m) {
-            const int8_t* q = a.q + m * a.ldq;
-            for (int r = 0; r < rn; ++r) {
-                const int32_t s = dot_codes(&codes[r * w.Kp], q, w.Kp) - a.qsum[m];
-                out[m * w.N + n + r] = a8_epilogue(s, a.xscale[m], wscale[n + r], bias, n + r);
-            }
-        }
     }
 }
 
@@ -336,10 +429,10 @@ void a8_t1_avx512(const PackedView& w, const A8Acts& a, const float* wscale, con
 // T1 looks up its tables with vpermi2b; B1 runs the AVX2 pshufb kernel, and the F32 forms of both
 // the AVX2 ones (AVX-512 CPUs have AVX2).
 const KernelTable kTableAVX512 = {
-    {a8_avx512<Format::I2>, a8_t1_avx512, a8_b1_avx2},
+    {a8_i2_avx512, a8_t1_avx512, a8_b1_avx2},
     {f32_avx512<Format::I2>, f32_t1_avx2, f32_b1_avx2},
     quantize_avx2,  // AVX-512 CPUs have AVX2; the quantizer is a small part of a matmul
-    {nullptr, a8_t1_prep_avx512, a8_b1_prep_avx2},
+    {a8_i2_prep_avx512, a8_t1_prep_avx512, a8_b1_prep_avx2},
 };
 
 }  // namespace bitllm
