@@ -89,8 +89,7 @@ static bool probe(Isa isa) {
 #endif
             __builtin_cpu_init();
             return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-                   __builtin_cpu_supports("avx512vbmi");
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 #endif
 #if defined(__aarch64__)
         case Isa::NEON: return true;  // Advanced SIMD is mandatory on AArch64

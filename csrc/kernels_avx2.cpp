@@ -541,13 +541,13 @@ constexpr int kT1LutGroup = 10;  // blocks per int16 run: 8 lookups of |~E| <= 3
 constexpr int64_t kT1LutPrefetch = 2048;
 
 struct T1Coef {
-    __m256i c01[4], c2[4];  // maddubs weights of (a, b) and (c, 0): digits c of the codes 8k .. 8k+7
+    __m256i c01[2], c2[2];  // maddubs weights of (a, b) and (c, 0): digits c of the codes 8k .. 8k+7
 };
 inline const T1Coef& t1_coef() {
     static const T1Coef kCoef = [] {
         T1Coef t;
         alignas(32) int8_t x[32], y[32];
-        for (int k = 0; k < 4; ++k) {
+        for (int k = 0; k < 2; ++k) {
             for (int j = 0; j < 32; j += 2) {
                 const int e = 8 * k + (j & 15) / 2;  // the 5-bit code; its pattern's digits
                 x[j] = int8_t(kT1Digits.d[0][e]), x[j + 1] = int8_t(kT1Digits.d[1][e]);
@@ -561,57 +561,34 @@ inline const T1Coef& t1_coef() {
     return kCoef;
 }
 
-template <bool avx512>  // a constant, so that the per-entry loops unroll (a run-time flag cost ~1.5 µs at K = 4096)
-void t1_build_tables_for(const int8_t* qp, int64_t nb, uint8_t* lut) {
+// Tables of one activation row (qp: Kp bytes plus 16 readable ones) for nb blocks: the sign-folded
+// w-sums, kT1LutBlockBytes per block.
+void t1_build_tables(const int8_t* qp, int64_t nb, uint8_t* lut) {
     const T1Coef& k = t1_coef();
     const __m256i ab = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
                                         3, 4, 3, 4, 3, 4, 3, 4, 3, 4, 3, 4, 3, 4, 3, 4);
     const __m256i cz = _mm256_setr_epi8(2, -128, 2, -128, 2, -128, 2, -128, 2, -128, 2, -128, 2, -128, 2, -128,
                                         5, -128, 5, -128, 5, -128, 5, -128, 5, -128, 5, -128, 5, -128, 5, -128);
     const __m256i lo8 = _mm256_set1_epi16(0x00FF), ones = _mm256_set1_epi8(1);
-    constexpr int64_t block_bytes = t1_lut_block_bytes(avx512);
     for (int64_t b = 0; b < nb; ++b)
         for (int i = 0; i < 8; ++i) {
             const __m256i qb =
                 _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(qp + kT1Weights * b + 6 * i)));
             const __m256i pab = _mm256_shuffle_epi8(qb, ab), pcz = _mm256_shuffle_epi8(qb, cz);
-            uint8_t* blk = lut + block_bytes * b;
-            // Σ c·q of the codes 0..15 (AVX2: sign bit clear) or 0..31 (AVX-512), 8 per vector
-            constexpr int entries = avx512 ? 4 : 2;
-            __m256i e[4];
-            for (int j = 0; j < entries; ++j)
-                e[j] = _mm256_add_epi16(_mm256_maddubs_epi16(k.c01[j], pab), _mm256_maddubs_epi16(k.c2[j], pcz));
-            if constexpr (!avx512) {  // the AVX2 tables hold w-sums: E = Σ c·q - Σq
-                const __m256i gsum = _mm256_add_epi16(_mm256_maddubs_epi16(ones, pab), _mm256_maddubs_epi16(ones, pcz));
-                e[0] = _mm256_sub_epi16(e[0], gsum), e[1] = _mm256_sub_epi16(e[1], gsum);
-            }
-            for (int h = 0; h < entries / 2; ++h) {  // entries 16h .. 16h + 15
-                const __m256i lo = _mm256_packus_epi16(_mm256_and_si256(e[2 * h], lo8), _mm256_and_si256(e[2 * h + 1], lo8));
-                const __m256i hi = _mm256_packs_epi16(_mm256_srai_epi16(e[2 * h], 8), _mm256_srai_epi16(e[2 * h + 1], 8));
-                if constexpr (!avx512) {  // [low | high] bytes per index vector, lane = group parity
-                    _mm256_store_si256((__m256i*)(blk + 64 * i), lo);
-                    _mm256_store_si256((__m256i*)(blk + 64 * i + 32), hi);
-                    continue;
-                }
-                for (int l = 0; l < 2; ++l) {  // group g = 2i + l: its 32 entries at t1_avx512_table_offset()
-                    uint8_t* d = blk + t1_avx512_table_offset(2 * i + l) + 16 * h;
-                    _mm_store_si128((__m128i*)d, l ? _mm256_extracti128_si256(lo, 1) : _mm256_castsi256_si128(lo));
-                    _mm_store_si128((__m128i*)(d + 128), l ? _mm256_extracti128_si256(hi, 1) : _mm256_castsi256_si128(hi));
-                }
-            }
+            uint8_t* blk = lut + kT1LutBlockBytes * b;
+            // E = Σ c·q - Σq (the w-sums) of the codes 0..15 (sign bit clear), 8 per vector
+            const __m256i gsum = _mm256_add_epi16(_mm256_maddubs_epi16(ones, pab), _mm256_maddubs_epi16(ones, pcz));
+            __m256i e[2];
+            for (int j = 0; j < 2; ++j)
+                e[j] = _mm256_sub_epi16(
+                    _mm256_add_epi16(_mm256_maddubs_epi16(k.c01[j], pab), _mm256_maddubs_epi16(k.c2[j], pcz)), gsum);
+            // [low | high] bytes per index vector, lane = group parity
+            _mm256_store_si256((__m256i*)(blk + 64 * i),
+                               _mm256_packus_epi16(_mm256_and_si256(e[0], lo8), _mm256_and_si256(e[1], lo8)));
+            _mm256_store_si256((__m256i*)(blk + 64 * i + 32),
+                               _mm256_packs_epi16(_mm256_srai_epi16(e[0], 8), _mm256_srai_epi16(e[1], 8)));
         }
 }
-
-}  // namespace
-
-// Tables of one activation row (qp: Kp bytes plus 16 readable ones) for nb blocks: the AVX2
-// kernel's sign-folded w-sums (512 bytes per block) or (avx512) the AVX-512 VBMI kernel's c-sums of
-// all 32 codes (1 KB per block, kernels_avx512.cpp).
-void t1_build_tables(const int8_t* qp, int64_t nb, uint8_t* lut, bool avx512) {
-    return avx512 ? t1_build_tables_for<true>(qp, nb, lut) : t1_build_tables_for<false>(qp, nb, lut);
-}
-
-namespace {
 
 // One index vector's lookups: E or ~E (mask m8) of 16 rows x 2 groups, added as int16.
 inline void t1_lookup(__m256i nib, __m256i m8, const uint8_t* tb, __m256i& a0, __m256i& a1) {
@@ -627,7 +604,7 @@ template <int MB>
 inline void t1_lut_tile(const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t lut_stride, bool prefetch,
                         int32_t* acc, int64_t acc_stride) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
-    constexpr int64_t kLutBlock = t1_lut_block_bytes(false);
+    constexpr int64_t kLutBlock = kT1LutBlockBytes;
     __m256i r0[MB], r1[MB];  // int32 sums of rows 0-7 and 8-15
     for (int m = 0; m < MB; ++m) r0[m] = r1[m] = zero;
     for (int64_t b0 = 0; b0 < cb; b0 += kT1LutGroup) {
@@ -721,22 +698,18 @@ void quantize_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q,
 
 // ---- T1 entry points (also in the AVX-512 table) ----
 
-void t1_prep_tables(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, bool avx512) {
+void a8_t1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
     if (a.M > kT1LutMaxRows) return;  // more activation rows: the decoded-tile GEMM (no tables)
-    const int64_t nb = w.Kp / kT1Weights, lut_stride = nb * t1_lut_block_bytes(avx512);
+    const int64_t nb = w.Kp / kT1Weights, lut_stride = nb * kT1LutBlockBytes;
     scratch.resize((size_t)(a.M * lut_stride + 64 + w.Kp + 16));
     uint8_t* lut = scratch.data() + ((64 - (reinterpret_cast<uintptr_t>(scratch.data()) & 63)) & 63);
     int8_t* qp = reinterpret_cast<int8_t*>(lut + a.M * lut_stride);  // one row, 16 bytes of slack
     std::memset(qp + w.Kp, 0, 16);
     for (int64_t m = 0; m < a.M; ++m) {
         std::memcpy(qp, a.q + m * a.ldq, (size_t)w.Kp);
-        t1_build_tables(qp, nb, lut + m * lut_stride, avx512);
+        t1_build_tables(qp, nb, lut + m * lut_stride);
     }
     a.lut = lut;
-}
-
-void a8_t1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
-    t1_prep_tables(w, a, scratch, false);
 }
 
 void a8_t1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
@@ -746,7 +719,7 @@ void a8_t1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const
                        int64_t acc_stride) {
             with_rows(mb, [&](auto k) { t1_lut_tile<decltype(k)::value>(tp, cb, lut, stride, pf, acc, acc_stride); });
         };
-        return t1_table_rows(w, a, wscale, bias, out, n0, n1, false, tile);
+        return t1_table_rows(w, a, wscale, bias, out, n0, n1, tile);
     }
     gemm_tiles(Format::T1, w, a, wscale, bias, out, n0, n1);
 }

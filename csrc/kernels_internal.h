@@ -204,10 +204,9 @@ inline void with_rows(int mb, F&& f) {
     }
 }
 
-// ---- T1 table kernels (AVX2 and AVX-512): what they share ----
-// Table bytes per 48-column block: AVX2's sign-folded w-sums (8 index vectors x 16 int16 entries x
-// 2 groups), AVX-512's c-sums (16 groups x 32 int16 entries).
-constexpr int64_t t1_lut_block_bytes(bool avx512) { return avx512 ? 1024 : 512; }
+// ---- T1 table kernel (kernels_avx2.cpp; the AVX-512 table runs it too) ----
+// Table bytes per 48-column block: sign-folded w-sums (8 index vectors x 16 int16 entries x 2 groups).
+constexpr int64_t kT1LutBlockBytes = 512;
 constexpr int64_t kT1TileBlockBytes = kTileRows * (int64_t)sizeof(BlockT1);  // 160
 constexpr int64_t kT1LutMaxRows = 16;  // activation rows served by tables (more: the decoded-tile GEMM)
 
@@ -215,14 +214,13 @@ constexpr int64_t kT1LutMaxRows = 16;  // activation rows served by tables (more
 // by K chunk (the chunk's tables stay in L1), every tile of the rows (one sequential stream per
 // chunk), activation rows in groups of <= 4 per pass over a tile. tile(mb, tile_data, blocks, lut,
 // lut_stride, prefetch, acc, acc_stride) adds the tile's 16 row sums for mb activation rows: Σ w·q
-// minus the row's set sign bits (avx512 = false: the AVX2 sign-folded tables) or Σ c·q (avx512 =
-// true); the offsets go here.
+// minus the row's set sign bits, added back here.
 template <class TileFn>
 void t1_table_rows(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
-                   int64_t n0, int64_t n1, bool avx512, TileFn tile) {
+                   int64_t n0, int64_t n1, TileFn tile) {
     const int64_t nb = w.Kp / kT1Weights, tiles = stored_rows(w.fmt, w.N) / kTileRows;
     const int64_t t0 = n0 / kTileRows, t1 = (n1 + kTileRows - 1) / kTileRows, rows = (t1 - t0) * kTileRows;
-    const int64_t lut_block = t1_lut_block_bytes(avx512), lut_stride = nb * lut_block;
+    const int64_t lut_block = kT1LutBlockBytes, lut_stride = nb * lut_block;
     const int64_t groups = (a.M + 3) / 4, base = a.M / groups, extra = a.M % groups;
     std::vector<int32_t> acc((size_t)(a.M * rows), 0);  // (M, rows) Σ w·q or Σ c·q
     for (int64_t c0 = 0; c0 < nb; c0 += kT1ChunkBlocks) {
@@ -236,10 +234,10 @@ void t1_table_rows(const PackedView& w, const A8Acts& a, const float* wscale, co
                 m0 += mb;
             }
     }
-    // Σ w·q = Σ c·q - Σq (avx512), or the XORed lookups' sum plus the row's set sign bits (AVX2)
+    // Σ w·q = the XORed lookups' sum plus the row's set sign bits
     for (int64_t m = 0; m < a.M; ++m)
         for (int64_t n = n0; n < n1; ++n)
-            out[m * w.N + n] = a8_epilogue(acc[m * rows + n - t0 * kTileRows] + (avx512 ? -a.qsum[m] : t1_sign_count(w, n)),
+            out[m * w.N + n] = a8_epilogue(acc[m * rows + n - t0 * kTileRows] + t1_sign_count(w, n),
                                            a.xscale[m], wscale[n], bias, n);
 }
 
@@ -275,17 +273,6 @@ inline int t1_code(const uint8_t* blk, int g) {
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
-// T1 tables for the AVX-512 VBMI kernel: per 48-column block, 4 index vectors k of 4 groups (one
-// per 128-bit slot s); group g = 8(k/2) + 4(s/2) + 2(k%2) + s%2 has its 32 entries (low bytes) at
-// 256k + 64(s/2) + 32(s%2) in the block's 1 KB, its high bytes 128 further.
-inline int64_t t1_avx512_table_offset(int g) {
-    const int k = 2 * (g >> 3) + ((g >> 1) & 1), s = 2 * ((g >> 2) & 1) + (g & 1);
-    return 256 * k + 64 * (s >> 1) + 32 * (s & 1);
-}
-// Builds the T1 tables of one activation row (qp: Kp bytes + 16 readable) in either kernel's order.
-void t1_build_tables(const int8_t* qp, int64_t nb, uint8_t* lut, bool avx512);
-// a8_prep of both T1 table kernels: tables of every activation row when M <= kT1LutMaxRows.
-void t1_prep_tables(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, bool avx512);
 // T1 and B1 through pshufb tables (kernels_avx2.cpp): the AVX-512 table uses them too.
 void a8_t1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch);
 void a8_t1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,

@@ -24,7 +24,7 @@ COMMON = ["-std=c++17", "-ffp-contract=off", f"-I{CSRC}"]
 TEST_SRC = [str(CSRC / "kernels.cpp"), str(CSRC / "kernels_generic.cpp"), str(CSRC / "tests" / "test_kernels.cpp")]
 X86_FLAGS = {
     "kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
-    "kernels_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"],
+    "kernels_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
 }
 QEMU_LIB = "/usr/aarch64-linux-gnu"
 IS_X86 = platform.machine() in ("x86_64", "AMD64")
