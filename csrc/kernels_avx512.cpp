@@ -89,8 +89,8 @@ inline __m512i in_register(__m512i v) {
 // shift, 4^i times the codes, summed in an accumulator of its own; the exact quotients (srai) are
 // added at the end. 2 ops per 64 weight-rows (and, vpdpbusd), the 4 activation vectors of a block
 // pair shared by the R rows. R = 3: 12 accumulators + 4 activations + 4 masks stay in registers
-// (R = 4 made gcc spill and copy accumulators: 1536x4096 hot at 124 G weights/s, R = 3 in a
-// microbenchmark 167).
+// (R = 4 made gcc spill and copy accumulators: 113-140 G weights/s in a microbenchmark of this loop
+// on a Zen 4, against 167 for R = 3).
 struct PlaneAcc {
     __m512i a0, a1, a2, a3;
 };
@@ -213,16 +213,12 @@ void a8_i2_avx512(const PackedView& w, const A8Acts& a, const float* wscale, con
     for (int64_t n = n0; n < n1;) {
         const int rn = n + 4 <= n1 ? 4 : 1;
         for (int64_t g = 0, m0 = 0; g < groups; ++g) {
-            const int mb = (int)(base + (g < extra));
-            if (mb == 1) {  // M = 5 splits 3 + 2; a group of one only when M = 1 (above)
-                for (int r = 0; r < rn; ++r) i2_gemv_rows<1>(w, q + m0 * ldq, n + r, res + r);
-            } else {
-                with_rows(mb, [&](auto k) {
-                    constexpr int MB = decltype(k)::value < 2 ? 2 : decltype(k)::value;
-                    if (rn == 4) i2_rows<4, MB>(w, q + m0 * ldq, ldq, n, g == 0, res);
-                    else i2_rows<1, MB>(w, q + m0 * ldq, ldq, n, g == 0, res);
-                });
-            }
+            const int mb = (int)(base + (g < extra));  // 2..4 when M > 1 (5 = 3 + 2, 9 = 3 + 3 + 3)
+            with_rows(mb, [&](auto k) {
+                constexpr int MB = std::max(2, decltype(k)::value);  // with_rows also instantiates 1
+                if (rn == 4) i2_rows<4, MB>(w, q + m0 * ldq, ldq, n, g == 0, res);
+                else i2_rows<1, MB>(w, q + m0 * ldq, ldq, n, g == 0, res);
+            });
             emit(n, rn, m0, mb, res);
             m0 += mb;
         }
