@@ -426,6 +426,7 @@ void f32_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const 
 // g0..g3 = columns 16pp+4g..16pp+4g+3), 128 bytes: [low bytes of g0 | of g2], [high bytes of g0 | of
 // g2], [low g1 | low g3], [high g1 | high g3] (lane 0 | lane 1, entries e = 0..15 as bytes).
 constexpr int64_t kB1LutBytes = 128;  // table bytes per pair of row bytes
+constexpr int64_t kB1BlockPairs = (int64_t)sizeof(BlockB1) / 2;  // pairs of row bytes per block
 
 // The table kernels keep 8 rows x 2 lanes of int16 sums per vector; both lanes hold the same rows
 // (two groups of columns): their sum as int32.
@@ -454,11 +455,12 @@ inline void b1_tables(__m256i qb, __m256i ctl_ab, __m256i ctl_cd, uint8_t* dst) 
     _mm256_store_si256((__m256i*)(dst + 32), _mm256_packs_epi16(_mm256_srai_epi16(t0, 8), _mm256_srai_epi16(t1, 8)));
 }
 
-// One tile (16 rows) against MB activation rows, whose tables lie lut_stride bytes apart: the
-// nibbles are split once and looked up in every row's tables. s[m][r] = Σ c·q of tile row r.
+// One tile-chunk (16 rows, `pairs` pairs of row bytes) against MB activation rows, whose tables lie
+// lut_stride bytes apart: the nibbles are split once and looked up in every row's tables. Adds
+// Σ c·q of tile row r to acc[m * acc_stride + r].
 template <int MB>
 inline void b1_lut_tile(const uint8_t* t, int64_t pairs, const uint8_t* lut, int64_t lut_stride, bool prefetch,
-                        int32_t (*s)[kTileRows]) {
+                        int32_t* acc, int64_t acc_stride) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256i r0[MB], r1[MB];  // int32 sums of rows 0-7 and 8-15
     for (int m = 0; m < MB; ++m) r0[m] = r1[m] = _mm256_setzero_si256();
@@ -488,37 +490,11 @@ inline void b1_lut_tile(const uint8_t* t, int64_t pairs, const uint8_t* lut, int
         }
     }
     for (int m = 0; m < MB; ++m) {
-        _mm256_storeu_si256((__m256i*)s[m], r0[m]);
-        _mm256_storeu_si256((__m256i*)(s[m] + 8), r1[m]);
+        int32_t* o = acc + m * acc_stride;
+        _mm256_storeu_si256((__m256i*)o, _mm256_add_epi32(load(o), r0[m]));
+        _mm256_storeu_si256((__m256i*)(o + 8), _mm256_add_epi32(load(o + 8), r1[m]));
     }
 }
-
-// Rows [n0, n1) (whole tiles but the last) for the M <= 16 activation rows, in groups of <= 4 rows
-// per pass over a tile (the tile stays in L1 between passes).
-void b1_lut_tiles(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
-                  int64_t n0, int64_t n1) {
-    const int64_t pairs = w.row_bytes / 2, tile_bytes = kTileRows * w.row_bytes, lut_stride = pairs * kB1LutBytes;
-    const uint8_t* first = w.data + (n0 / kTileRows) * tile_bytes;
-    for (int64_t o = 0; o < std::min<int64_t>(kB1LutPrefetch, (n1 - n0) * w.row_bytes); o += 64)
-        _mm_prefetch((const char*)first + o, _MM_HINT_T0);
-    const int64_t groups = (a.M + 3) / 4, base = a.M / groups, extra = a.M % groups;
-    int32_t s[4][kTileRows];
-    for (int64_t n = n0; n < n1; n += kTileRows) {
-        const uint8_t* t = w.data + (n / kTileRows) * tile_bytes;
-        const int64_t rn = std::min<int64_t>(kTileRows, n1 - n);
-        for (int64_t g = 0, m0 = 0; g < groups; ++g) {
-            const int mb = (int)(base + (g < extra));
-            const uint8_t* lut = a.lut + m0 * lut_stride;
-            with_rows(mb, [&](auto k) { b1_lut_tile<decltype(k)::value>(t, pairs, lut, lut_stride, g == 0, s); });
-            for (int j = 0; j < mb; ++j)
-                for (int64_t r = 0; r < rn; ++r)  // Σ(1-2c)q
-                    out[(m0 + j) * w.N + n + r] = a8_epilogue(a.qsum[m0 + j] - 2 * s[j][r], a.xscale[m0 + j],
-                                                              wscale[n + r], bias, n + r);
-            m0 += mb;
-        }
-    }
-}
-
 
 // ============================================================================================
 // T1 LUT: sign-folded tables of sums of 3 activations
@@ -719,7 +695,8 @@ void a8_t1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const
                        int64_t acc_stride) {
             with_rows(mb, [&](auto k) { t1_lut_tile<decltype(k)::value>(tp, cb, lut, stride, pf, acc, acc_stride); });
         };
-        return t1_table_rows(w, a, wscale, bias, out, n0, n1, tile);
+        auto finish = [&](int32_t s, int64_t, int64_t n) { return s + t1_sign_count(w, n); };  // undo the XORs' -1s
+        return table_rows(w, a, wscale, bias, out, n0, n1, kT1LutBlockBytes, tile, finish);
     }
     gemm_tiles(Format::T1, w, a, wscale, bias, out, n0, n1);
 }
@@ -755,7 +732,16 @@ void a8_b1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scrat
 
 void a8_b1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
                 int64_t n0, int64_t n1) {
-    if (a.lut) return b1_lut_tiles(w, a, wscale, bias, out, n0, n1);
+    if (a.lut) {
+        auto tile = [](int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t stride, bool pf, int32_t* acc,
+                       int64_t acc_stride) {
+            with_rows(mb, [&](auto k) {
+                b1_lut_tile<decltype(k)::value>(tp, cb * kB1BlockPairs, lut, stride, pf, acc, acc_stride);
+            });
+        };
+        auto finish = [&](int32_t s, int64_t m, int64_t) { return a.qsum[m] - 2 * s; };  // Σ(1-2c)q
+        return table_rows(w, a, wscale, bias, out, n0, n1, kB1LutBytes * kB1BlockPairs, tile, finish);
+    }
     gemm_tiles(Format::B1, w, a, wscale, bias, out, n0, n1);
 }
 

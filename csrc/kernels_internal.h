@@ -49,18 +49,27 @@ constexpr int64_t kT1ChunkBlocks = 16;  // 768 columns per K chunk
 
 // B1: 256 binary weights in 32 bytes = 1.0 bit/weight, rows interleaved in tiles of 16.
 // Byte p of a row, bit i holds c = 1 if w = -1 (0 if w = +1) for weight k = 8*p + i (the file
-// layout's order). Rows are not stored one after another: the rows 16t..16t+15 form a tile of
-// 16*row_bytes bytes in which byte p of row 16t+r sits at 16*p + r, so one 32-byte load holds bytes
-// p and p+1 of 16 rows — the shape a pshufb table lookup wants (kernels_avx2.cpp, "B1 LUT"). The
-// last tile is padded with zero rows (never written out).
+// layout's order). Rows are not stored one after another: the rows 16t..16t+15 form a tile whose
+// tile-blocks (16 rows x one 32-byte block, 512 bytes) hold byte j of row 16t+r at 16*j + r, so one
+// 32-byte load holds bytes j and j+1 of 16 rows — the shape a pshufb table lookup wants
+// (kernels_avx2.cpp, "B1 LUT"). Like T1's, the tile-blocks are grouped in K chunks of
+// kB1ChunkBlocks (tile_block_offset): chunk c of every tile comes before chunk c + 1 of any tile,
+// so that the activation tables of one chunk (8 KB per activation row) stay in L1 while a thread's
+// tiles stream past them. The last tile is padded with zero rows (never written out).
 struct BlockB1 {
     uint8_t qs[32];
 };
 static_assert(sizeof(BlockB1) == 32, "B1 block: 256 weights, 1 bit each");
 constexpr int kB1Weights = 256;
+constexpr int64_t kB1ChunkBlocks = 4;  // 1024 columns per K chunk
 constexpr int64_t kTileRows = 16;  // rows per tile of the tiled formats (T1, B1)
 
 inline bool is_tiled(Format f) { return f != Format::I2; }
+// The tiled formats' block: weights, bytes per row, blocks per K chunk, bytes per tile-block.
+inline int64_t tiled_block_weights(Format f) { return f == Format::B1 ? kB1Weights : kT1Weights; }
+inline int64_t tiled_block_bytes(Format f) { return f == Format::B1 ? (int64_t)sizeof(BlockB1) : (int64_t)sizeof(BlockT1); }
+inline int64_t chunk_blocks(Format f) { return f == Format::B1 ? kB1ChunkBlocks : kT1ChunkBlocks; }
+inline int64_t tile_block_bytes(Format f) { return kTileRows * tiled_block_bytes(f); }
 // Rows the packed matrix holds: N, or N rounded up to whole tiles.
 inline int64_t stored_rows(Format f, int64_t N) {
     return is_tiled(f) ? (N + kTileRows - 1) / kTileRows * kTileRows : N;
@@ -158,10 +167,9 @@ void decode_row_codes_generic(Format f, const uint8_t* row, int64_t Kp, uint8_t*
 // Byte offset of the tile-block (tile t = rows 16t..16t+15, block b) of a tiled format: its
 // 16·block_bytes bytes hold byte j of row 16t+r at 16·j + r.
 inline int64_t tile_block_offset(Format f, int64_t N, int64_t Kp, int64_t t, int64_t b) {
-    if (f == Format::B1) return (t * (Kp / 8) + 32 * b) * kTileRows;
-    const int64_t nb = Kp / kT1Weights, tiles = stored_rows(f, N) / kTileRows;
-    const int64_t c = b / kT1ChunkBlocks, cb = std::min<int64_t>(kT1ChunkBlocks, nb - c * kT1ChunkBlocks);
-    return (c * kT1ChunkBlocks * tiles + t * cb + (b - c * kT1ChunkBlocks)) * (int64_t)sizeof(BlockT1) * kTileRows;
+    const int64_t nb = Kp / tiled_block_weights(f), tiles = stored_rows(f, N) / kTileRows, C = chunk_blocks(f);
+    const int64_t c = b / C, cb = std::min<int64_t>(C, nb - c * C);
+    return (c * C * tiles + t * cb + (b - c * C)) * tile_block_bytes(f);
 }
 
 // T1: the count of set sign bits of stored row n (the int32s after the rows' blocks).
@@ -175,7 +183,7 @@ inline int32_t t1_sign_count(const PackedView& w, int64_t n) {
 // `buf` (row_bytes long) gathered from the row's tile-blocks for the tiled ones.
 inline const uint8_t* row_of(const PackedView& w, int64_t n, uint8_t* buf) {
     if (!is_tiled(w.fmt)) return w.data + n * w.row_bytes;
-    const int64_t bb = w.fmt == Format::B1 ? 32 : (int64_t)sizeof(BlockT1), t = n / kTileRows, r = n % kTileRows;
+    const int64_t bb = tiled_block_bytes(w.fmt), t = n / kTileRows, r = n % kTileRows;
     for (int64_t b = 0; b < w.row_bytes / bb; ++b) {
         const uint8_t* src = w.data + tile_block_offset(w.fmt, w.N, w.Kp, t, b) + r;
         for (int64_t j = 0; j < bb; ++j) buf[b * bb + j] = src[kTileRows * j];
@@ -184,8 +192,8 @@ inline const uint8_t* row_of(const PackedView& w, int64_t n, uint8_t* buf) {
 }
 // The inverse: scatter row n (row order, row_bytes long) into a tiled matrix.
 inline void store_row(Format f, int64_t N, int64_t Kp, int64_t n, const uint8_t* row, uint8_t* data) {
-    const int64_t bb = f == Format::B1 ? 32 : (int64_t)sizeof(BlockT1), t = n / kTileRows, r = n % kTileRows;
-    const int64_t rb = Kp / (f == Format::B1 ? kB1Weights : kT1Weights) * bb;
+    const int64_t bb = tiled_block_bytes(f), t = n / kTileRows, r = n % kTileRows;
+    const int64_t rb = Kp / tiled_block_weights(f) * bb;
     for (int64_t b = 0; b < rb / bb; ++b) {
         uint8_t* dst = data + tile_block_offset(f, N, Kp, t, b) + r;
         for (int64_t j = 0; j < bb; ++j) dst[kTileRows * j] = row[b * bb + j];
@@ -204,41 +212,40 @@ inline void with_rows(int mb, F&& f) {
     }
 }
 
-// ---- T1 table kernel (kernels_avx2.cpp; the AVX-512 table runs it too) ----
-// Table bytes per 48-column block: sign-folded w-sums (8 index vectors x 16 int16 entries x 2 groups).
+// ---- table kernels of the tiled formats (kernels_avx2.cpp; the AVX-512 table runs them too) ----
+// T1 table bytes per 48-column block: sign-folded w-sums (8 index vectors x 16 int16 entries x 2 groups).
 constexpr int64_t kT1LutBlockBytes = 512;
 constexpr int64_t kT1TileBlockBytes = kTileRows * (int64_t)sizeof(BlockT1);  // 160
 constexpr int64_t kT1LutMaxRows = 16;  // activation rows served by tables (more: the decoded-tile GEMM)
 
-// The outer loop: rows [n0, n1) (whole tiles but the last) for the M <= 16 activation rows, K chunk
-// by K chunk (the chunk's tables stay in L1), every tile of the rows (one sequential stream per
-// chunk), activation rows in groups of <= 4 per pass over a tile. tile(mb, tile_data, blocks, lut,
-// lut_stride, prefetch, acc, acc_stride) adds the tile's 16 row sums for mb activation rows: Σ w·q
-// minus the row's set sign bits, added back here.
-template <class TileFn>
-void t1_table_rows(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
-                   int64_t n0, int64_t n1, TileFn tile) {
-    const int64_t nb = w.Kp / kT1Weights, tiles = stored_rows(w.fmt, w.N) / kTileRows;
+// The outer loop of both table kernels: rows [n0, n1) (whole tiles but the last) for the M <= 16
+// activation rows, K chunk by K chunk (the chunk's tables stay in L1), every tile of the rows (one
+// sequential stream per chunk), activation rows in groups of <= 4 per pass over a tile.
+// tile(mb, tile_data, blocks, lut, lut_stride, prefetch, acc, acc_stride) adds the tile's 16 row sums
+// for mb activation rows (tables of lut_block bytes per block); out = a8_epilogue(finish(sum, m, n)).
+template <class TileFn, class FinishFn>
+void table_rows(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+                int64_t n0, int64_t n1, int64_t lut_block, TileFn tile, FinishFn finish) {
+    const int64_t nb = w.Kp / tiled_block_weights(w.fmt), tiles = stored_rows(w.fmt, w.N) / kTileRows;
+    const int64_t C = chunk_blocks(w.fmt), tb = tile_block_bytes(w.fmt);
     const int64_t t0 = n0 / kTileRows, t1 = (n1 + kTileRows - 1) / kTileRows, rows = (t1 - t0) * kTileRows;
-    const int64_t lut_block = kT1LutBlockBytes, lut_stride = nb * lut_block;
+    const int64_t lut_stride = nb * lut_block;
     const int64_t groups = (a.M + 3) / 4, base = a.M / groups, extra = a.M % groups;
-    std::vector<int32_t> acc((size_t)(a.M * rows), 0);  // (M, rows) Σ w·q or Σ c·q
-    for (int64_t c0 = 0; c0 < nb; c0 += kT1ChunkBlocks) {
-        const int64_t cb = std::min<int64_t>(kT1ChunkBlocks, nb - c0);
-        const uint8_t* chunk = w.data + (c0 * tiles + t0 * cb) * kT1TileBlockBytes;  // this chunk of tile t0
+    std::vector<int32_t> acc((size_t)(a.M * rows), 0);  // (M, rows)
+    for (int64_t c0 = 0; c0 < nb; c0 += C) {
+        const int64_t cb = std::min<int64_t>(C, nb - c0);
+        const uint8_t* chunk = w.data + (c0 * tiles + t0 * cb) * tb;  // this chunk of tile t0
         for (int64_t t = t0; t < t1; ++t)
             for (int64_t g = 0, m0 = 0; g < groups; ++g) {
                 const int mb = (int)(base + (g < extra));
-                tile(mb, chunk + (t - t0) * cb * kT1TileBlockBytes, cb, a.lut + m0 * lut_stride + c0 * lut_block,
-                     lut_stride, g == 0, &acc[m0 * rows + (t - t0) * kTileRows], rows);
+                tile(mb, chunk + (t - t0) * cb * tb, cb, a.lut + m0 * lut_stride + c0 * lut_block, lut_stride, g == 0,
+                     &acc[m0 * rows + (t - t0) * kTileRows], rows);
                 m0 += mb;
             }
     }
-    // Σ w·q = the XORed lookups' sum plus the row's set sign bits
     for (int64_t m = 0; m < a.M; ++m)
         for (int64_t n = n0; n < n1; ++n)
-            out[m * w.N + n] = a8_epilogue(acc[m * rows + n - t0 * kTileRows] + t1_sign_count(w, n),
-                                           a.xscale[m], wscale[n], bias, n);
+            out[m * w.N + n] = a8_epilogue(finish(acc[m * rows + n - t0 * kTileRows], m, n), a.xscale[m], wscale[n], bias, n);
 }
 
 // The pattern value v of a 5-bit T1 code (nibble i | sign bit << 4): 13 + i, or 13 - i with the sign

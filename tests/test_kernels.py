@@ -172,19 +172,27 @@ def test_bits_per_weight():
         assert p.bits_per_weight == pytest.approx(bpw, rel=1e-12)
 
 
-def test_b1_kernel_layout_interleaves_tiles_of_16_rows():
-    # docs/formats.md §5: byte p of row 16t+r sits at 16*row_bytes*t + 16*p + r; its bit i is 1 iff
-    # column 8p+i is -1 (the file layout's byte); padding columns are +1 and padding rows zero.
-    N, K = 20, 300
+@pytest.mark.parametrize("K", [300, 1300])  # one K chunk; 6 blocks = chunks of 4 and 2
+def test_b1_kernel_layout_interleaves_tiles_of_16_rows_in_k_chunks(K):
+    # docs/formats.md §5: byte j of block b of row 16t+r sits at 512*(4cT + t*n_c + b - 4c) + 16j + r
+    # (c = b // 4, n_c blocks in chunk c, T tiles); its bit i is 1 iff column 256b + 8j + i is -1
+    # (the file layout's byte); padding columns are +1 and padding rows zero.
+    N, T = 20, 2
     W = random_weights("b1", N, K, torch.Generator().manual_seed(0))
     rb = bk._core.row_bytes("b1", K)
-    data = bk.pack("b1", W).data.view(2, rb, 16)  # (tile, byte, row in tile)
+    nb = rb // 32
+    data = bk.pack("b1", W).data
     bits = torch.zeros(N, rb * 8, dtype=torch.int64)
     bits[:, :K] = (W == -1).long()
     want = (bits.view(N, rb, 8) << torch.arange(8)).sum(-1).to(torch.uint8)  # (N, rb)
-    for n in range(N):
-        assert torch.equal(data[n // 16, :, n % 16], want[n]), n
-    assert not data[1, :, N - 16:].any()
+    for n in range(T * 16):
+        t, r = divmod(n, 16)
+        for b in range(nb):
+            c = b // 4
+            n_c = min(4, nb - 4 * c)
+            start = 512 * (4 * c * T + t * n_c + b - 4 * c)
+            got = data[start + r:start + 512:16]  # the 32 bytes of row n in tile-block (t, b)
+            assert torch.equal(got, want[n, 32 * b:32 * b + 32] if n < N else torch.zeros(32, dtype=torch.uint8)), (n, b)
 
 
 def test_pack_rejects_bad_input():
