@@ -320,7 +320,7 @@ void parallel_for(int64_t n, int64_t grain, void (*fn)(void* ctx, int64_t begin,
     parallel_chunks_tid(nt, chunks, body);
 }
 
-// Rows [0, N) in contiguous chunks aligned to 16 rows, 2 per thread, claimed dynamically (a thread
+// fn(n0, n1, tid) for rows [0, N) in contiguous chunks aligned to 16 rows, 2 per thread, claimed dynamically (a thread
 // the OS parks finds the rest taken). Each chunk starts a new DRAM stream whose first KBs miss the
 // prefetchers: 2 per thread measured best for the 700M GEMV shapes at 2 threads (1, 2, 4, 8, 16 per
 // thread: 1536x1536 at 80/78/77/67/59 % of the roofline, 4096x1536 at 83/89/87/83/77 %).
@@ -331,13 +331,13 @@ static void parallel_rows(int64_t N, int64_t work_per_row, Fn fn) {
     if (N * work_per_row < (1 << 16)) nt = 1;  // below ~64k weights a thread costs more than it brings
     nt = (int)std::min<int64_t>(nt, (N + align - 1) / align);
     if (nt <= 1) {
-        fn(0, N);
+        fn(0, N, 0);
         return;
     }
     const int64_t chunk = ((N + 2 * nt - 1) / (2 * nt) + align - 1) / align * align;
     const int64_t chunks = (N + chunk - 1) / chunk;
-    auto body = [&](int64_t c) { fn(c * chunk, std::min(N, (c + 1) * chunk)); };
-    parallel_chunks(nt, chunks, body);
+    auto body = [&](int64_t c, int tid) { fn(c * chunk, std::min(N, (c + 1) * chunk), tid); };
+    parallel_chunks_tid(nt, chunks, body);
 }
 
 // ============================================================================================
@@ -500,9 +500,25 @@ void gemm_a8(Format f, const uint8_t* packed, int64_t N, int64_t K, const int8_t
         a.ldq = w.Kp;
     }
     A8Fn fn = t.a8[int(f)] ? t.a8[int(f)] : kTableGeneric.a8[int(f)];
-    std::vector<uint8_t> lut;
-    if (t.a8[int(f)] && t.a8_prep[int(f)]) t.a8_prep[int(f)](w, a, lut);
-    parallel_rows(N, w.Kp * M, [&](int64_t n0, int64_t n1) { fn(w, a, wscale, bias, out, n0, n1); });
+    A8PrepFn prep = t.a8[int(f)] ? t.a8_prep[int(f)] : nullptr;
+    if (!prep) {
+        parallel_rows(N, w.Kp * M, [&](int64_t n0, int64_t n1, int) { fn(w, a, wscale, bias, out, n0, n1); });
+        return;
+    }
+    // Every thread builds its own tables (a8_prep) on its first chunk. Built once and shared, they
+    // were written by one core and read by the other: on a 2-vCPU Zen 4 guest that cost ~20 µs per
+    // call at K = 4096 (T1, B1; building them takes ~2-3 µs), as much as the GEMV itself.
+    const size_t slots = (size_t)std::max(1, g_threads.load(std::memory_order_relaxed)) + 1;
+    std::vector<A8Acts> acts(slots, a);
+    std::vector<std::vector<uint8_t>> luts(slots);
+    std::vector<char> built(slots, 0);
+    parallel_rows(N, w.Kp * M, [&](int64_t n0, int64_t n1, int tid) {
+        if (!built[(size_t)tid]) {
+            prep(w, acts[(size_t)tid], luts[(size_t)tid]);
+            built[(size_t)tid] = 1;
+        }
+        fn(w, acts[(size_t)tid], wscale, bias, out, n0, n1);
+    });
 }
 
 void gemm_f32(Format f, const uint8_t* packed, int64_t N, int64_t K, const float* x, int64_t ldx,
@@ -519,7 +535,7 @@ void gemm_f32(Format f, const uint8_t* packed, int64_t N, int64_t K, const float
         a.ldx = w.Kp;
     }
     F32Fn fn = t.f32[int(f)] ? t.f32[int(f)] : kTableGeneric.f32[int(f)];
-    parallel_rows(N, w.Kp * M, [&](int64_t n0, int64_t n1) { fn(w, a, wscale, bias, out, n0, n1); });
+    parallel_rows(N, w.Kp * M, [&](int64_t n0, int64_t n1, int) { fn(w, a, wscale, bias, out, n0, n1); });
 }
 
 // ============================================================================================
