@@ -415,7 +415,7 @@ void f32_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const 
 // B1 LUT (T-MAC style): table lookups of activation sums instead of per-weight decoding
 // ============================================================================================
 // A nibble of a B1 byte is 4 "is -1" flags c_0..c_3 of 4 consecutive weights, so Σ c_i·q_i over
-// those 4 columns is one of 16 sums of the 4 activations: built once per call (a8_b1_prep_avx2),
+// those 4 columns is one of 16 sums of the 4 activations: built once per call and row thread (a8_b1_prep_avx2),
 // then looked up with pshufb for 16 rows at a time — the tiled layout puts byte p of 16 rows in one
 // 128-bit lane (bytes p and p+1 in one 256-bit load). The sums (|T| <= 512) are int16: a table is
 // two 16-byte pshufb tables, its low bytes (u8) and high bytes (s8), and unpacklo/hi_epi8 of the

@@ -3,7 +3,7 @@
 //
 // One zmm covers two consecutive 32-byte blocks of an I2 row; `vpdpbusd` multiplies u8 codes by s8
 // activations and accumulates straight into int32 (no int16 intermediate to saturate). The
-// activations are rearranged once per call so that one load gives the two blocks' halves of a plane
+// activations are rearranged once per call (and row thread) so that one load gives the two blocks' halves of a plane
 // (a8_i2_prep_avx512). An odd last block runs the 256-bit (VL) form.
 #if defined(BITLLM_SIMDE_AVX512)
 // Test-only build: SIMDe's portable AVX-512 emulation, so that this file's logic can be checked
@@ -60,7 +60,7 @@ inline __m256i i2_plane256(__m256i v, int i) {
 // A8
 // ============================================================================================
 
-// I2 activations in block-pair order, built once per call (a8_i2_prep_avx512): for each pair p of
+// I2 activations in block-pair order, built once per call and row thread (a8_i2_prep_avx512): for each pair p of
 // 128-column blocks, plane i's 64 bytes are q[256p + 32i, +32) then q[256p + 128 + 32i, +32), the
 // two halves a zmm of codes pairs with, so that one load serves a plane of both blocks (before: a
 // load and a vinserti64x4). An odd last block keeps its 128 bytes in column order.

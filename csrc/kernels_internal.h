@@ -110,8 +110,9 @@ using F32Fn = void (*)(const PackedView& w, const F32Acts& a, const float* wscal
 using QuantFn = void (*)(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int64_t ldq,
                         float* scale, int32_t* sums);
 
-// Optional, run once per gemm_a8 call before the row threads start (LUT kernels build their
-// activation tables here, into `scratch`, and point a.lut at them).
+// Optional, run by every row thread of a gemm_a8 call before its first rows (LUT kernels build their
+// activation tables here, into `scratch`, and point a.lut at them; each thread builds its own copy,
+// because tables written by one core and read by another cost more than building them twice).
 using A8PrepFn = void (*)(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch);
 
 struct KernelTable {
