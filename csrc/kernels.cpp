@@ -507,17 +507,15 @@ void gemm_a8(Format f, const uint8_t* packed, int64_t N, int64_t K, const int8_t
     }
     // Every thread builds its own tables (a8_prep) on its first chunk. Built once and shared, they
     // were written by one core and read by the other: on a 2-vCPU Zen 4 guest that cost ~20 µs per
-    // call at K = 4096 (T1, B1; building them takes ~2-3 µs), as much as the GEMV itself.
+    // call at K = 4096 (T1, B1; building them takes ~2-3 µs), as much as the GEMV itself. A prep that
+    // leaves a.lut unset (more activation rows than tables serve) returns at once, so it may run again.
     const size_t slots = (size_t)std::max(1, g_threads.load(std::memory_order_relaxed)) + 1;
     std::vector<A8Acts> acts(slots, a);
     std::vector<std::vector<uint8_t>> luts(slots);
-    std::vector<char> built(slots, 0);
     parallel_rows(N, w.Kp * M, [&](int64_t n0, int64_t n1, int tid) {
-        if (!built[(size_t)tid]) {
-            prep(w, acts[(size_t)tid], luts[(size_t)tid]);
-            built[(size_t)tid] = 1;
-        }
-        fn(w, acts[(size_t)tid], wscale, bias, out, n0, n1);
+        A8Acts& mine = acts[(size_t)tid];
+        if (!mine.lut) prep(w, mine, luts[(size_t)tid]);
+        fn(w, mine, wscale, bias, out, n0, n1);
     });
 }
 

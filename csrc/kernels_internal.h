@@ -66,10 +66,10 @@ constexpr int64_t kTileRows = 16;  // rows per tile of the tiled formats (T1, B1
 
 inline bool is_tiled(Format f) { return f != Format::I2; }
 // The tiled formats' block: weights, bytes per row, blocks per K chunk, bytes per tile-block.
-inline int64_t tiled_block_weights(Format f) { return f == Format::B1 ? kB1Weights : kT1Weights; }
-inline int64_t tiled_block_bytes(Format f) { return f == Format::B1 ? (int64_t)sizeof(BlockB1) : (int64_t)sizeof(BlockT1); }
-inline int64_t chunk_blocks(Format f) { return f == Format::B1 ? kB1ChunkBlocks : kT1ChunkBlocks; }
-inline int64_t tile_block_bytes(Format f) { return kTileRows * tiled_block_bytes(f); }
+constexpr int64_t tiled_block_weights(Format f) { return f == Format::B1 ? kB1Weights : kT1Weights; }
+constexpr int64_t tiled_block_bytes(Format f) { return f == Format::B1 ? (int64_t)sizeof(BlockB1) : (int64_t)sizeof(BlockT1); }
+constexpr int64_t chunk_blocks(Format f) { return f == Format::B1 ? kB1ChunkBlocks : kT1ChunkBlocks; }
+constexpr int64_t tile_block_bytes(Format f) { return kTileRows * tiled_block_bytes(f); }
 // Rows the packed matrix holds: N, or N rounded up to whole tiles.
 inline int64_t stored_rows(Format f, int64_t N) {
     return is_tiled(f) ? (N + kTileRows - 1) / kTileRows * kTileRows : N;
@@ -92,7 +92,7 @@ struct A8Acts {
     const int32_t* qsum;  // (M,)
     const float* xscale;  // (M,)
     int64_t M;
-    const uint8_t* lut = nullptr;  // what the table's a8_prep built from q (shared by the row threads)
+    const uint8_t* lut = nullptr;  // what the table's a8_prep built from q (each row thread its own)
 };
 
 struct F32Acts {
@@ -216,7 +216,7 @@ inline void with_rows(int mb, F&& f) {
 // ---- table kernels of the tiled formats (kernels_avx2.cpp; the AVX-512 table runs them too) ----
 // T1 table bytes per 48-column block: sign-folded w-sums (8 index vectors x 16 int16 entries x 2 groups).
 constexpr int64_t kT1LutBlockBytes = 512;
-constexpr int64_t kT1TileBlockBytes = kTileRows * (int64_t)sizeof(BlockT1);  // 160
+constexpr int64_t kT1TileBlockBytes = tile_block_bytes(Format::T1);  // 160
 constexpr int64_t kT1LutMaxRows = 16;  // activation rows served by tables (more: the decoded-tile GEMM)
 
 // The outer loop of both table kernels: rows [n0, n1) (whole tiles but the last) for the M <= 16
