@@ -498,6 +498,19 @@ def import_gguf(path: str | os.PathLike, output: str | os.PathLike, format: str 
             f"{path}: tensor 'output.weight' (an untied LM head) is not part of llama.cpp's 'bitnet' architecture, "
             "which uses token_embd as the head; bitllm does not import it. Export such a model with the 'llama' layout."
         )
+    used: set[str] = set()
+
+    def tensor(name: str, shape: tuple[int, ...]):
+        """The reader tensor `name`, checked to have the (row-major) shape; GGUF lists dims fastest first."""
+        if name not in tensors:
+            raise FormatError(f"{path}: tensor {name!r} is missing")
+        t = tensors[name]
+        found = tuple(int(x) for x in reversed(list(t.shape)))
+        if found != tuple(shape):
+            raise FormatError(f"{path}: tensor {name!r} has shape {found}, expected {tuple(shape)}")
+        used.add(name)
+        return t
+
     vocab = int(tensors["token_embd.weight"].shape[-1])
     common = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=n_layer,
@@ -517,19 +530,12 @@ def import_gguf(path: str | os.PathLike, output: str | os.PathLike, format: str 
             config.architectures = ["BitNetForCausalLM"]
     except (ValueError, TypeError) as e:  # transformers validates e.g. hidden_size % num_attention_heads
         raise FormatError(f"{path}: the {arch}.* metadata does not describe a valid model ({e})") from None
+    # The metadata's sizes must be those of the tensors before a model of that size is built: a corrupt
+    # embedding_length or feed_forward_length would otherwise allocate tens of GB for the skeleton.
+    for name, shape in (("token_embd.weight", (vocab, hidden)), ("blk.0.attn_q.weight", (n_head * head_dim, hidden)),
+                        ("blk.0.attn_k.weight", (n_kv * head_dim, hidden)), ("blk.0.ffn_up.weight", (ffn, hidden))):
+        tensor(name, shape)
     model = _skeleton(config)
-    used: set[str] = set()
-
-    def tensor(name: str, shape: tuple[int, ...]):
-        """The reader tensor `name`, checked to have the (row-major) shape; GGUF lists dims fastest first."""
-        if name not in tensors:
-            raise FormatError(f"{path}: tensor {name!r} is missing")
-        t = tensors[name]
-        found = tuple(int(x) for x in reversed(list(t.shape)))
-        if found != tuple(shape):
-            raise FormatError(f"{path}: tensor {name!r} has shape {found}, expected {tuple(shape)}")
-        used.add(name)
-        return t
 
     def dense(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         t = tensor(name, shape)
