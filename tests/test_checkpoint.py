@@ -415,6 +415,13 @@ def test_config_json_that_is_not_an_object(saved, edit):
         from_pretrained(saved)
 
 
+def test_config_too_large_to_build_is_a_format_error(saved):
+    # a corrupt size must not surface as torch's allocation RuntimeError (1 TB of gate_proj here)
+    _edit_config(saved, lambda c: {**c, "intermediate_size": 1 << 30})
+    with pytest.raises(FormatError, match=r"config\.json: the config describes a model too large to build"):
+        from_pretrained(saved)
+
+
 @pytest.mark.parametrize("key,value", [("linear_class", "BitLinear"), ("quantization_mode", "dynamic")])
 def test_hf_bitnet_unknown_scale_convention_is_refused(tmp_path, key, value):
     """The convention decides whether weight_scale divides or multiplies: an unknown value is not guessed."""

@@ -230,16 +230,25 @@ def resolve_model_dir(path_or_id: str | os.PathLike, revision: str | None = None
         raise BitLLMError(f"cannot get {str(path_or_id)!r} from the hub or its cache: {e}") from None
 
 
-def _skeleton(config) -> nn.Module:
-    """The model of `config` with parameters on the meta device (no memory, no random init)."""
+def _skeleton(config, where: object = None) -> nn.Module:
+    """The model of `config` with parameters on the meta device (no memory, no random init). `where`
+    (the config's file) goes into the errors."""
     from accelerate import init_empty_weights
 
     config = _strip_quant(config)
+    name = f"{where}: " if where else ""
     try:
         with init_empty_weights(include_buffers=False):
             return AutoModelForCausalLM.from_config(config)
     except ValueError as e:
-        raise UnsupportedModelError(f"{type(config).__name__} ({config.model_type}) is not a causal LM transformers can build: {e}") from None
+        raise UnsupportedModelError(f"{name}{type(config).__name__} ({config.model_type}) is not a causal LM transformers can build: {e}") from None
+    except RuntimeError as e:
+        # Each parameter is created on the CPU before it moves to the meta device: untouched pages for
+        # real sizes, an allocation failure for absurd ones (a corrupt config).
+        if "allocate" not in str(e):
+            raise
+        sizes = {k: getattr(config, k, None) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")}
+        raise FormatError(f"{name}the config describes a model too large to build ({sizes}): {e}") from None
 
 
 def _strip_quant(config):
@@ -371,7 +380,7 @@ def from_pretrained(
         return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
     qm = qc.get("quant_method")
     reader = CheckpointReader(directory)
-    model = _skeleton(config)
+    model = _skeleton(config, where=cfg_path)
     if qm == QUANT_METHOD:
         version = qc.get("format_version")
         if version != FORMAT_VERSION:
