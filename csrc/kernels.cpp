@@ -320,13 +320,12 @@ void parallel_for(int64_t n, int64_t grain, void (*fn)(void* ctx, int64_t begin,
     parallel_chunks_tid(nt, chunks, body);
 }
 
-// fn(n0, n1, tid) for rows [0, N) in contiguous chunks aligned to 16 rows, 2 per thread, claimed dynamically (a thread
+// fn(n0, n1, tid) for rows [0, N) in contiguous chunks aligned to `align` rows (a tiled format's tile), 2 per thread, claimed dynamically (a thread
 // the OS parks finds the rest taken). Each chunk starts a new DRAM stream whose first KBs miss the
 // prefetchers: 2 per thread measured best for the 700M GEMV shapes at 2 threads (1, 2, 4, 8, 16 per
 // thread: 1536x1536 at 80/78/77/67/59 % of the roofline, 4096x1536 at 83/89/87/83/77 %).
 template <class Fn>
-static void parallel_rows(int64_t N, int64_t work_per_row, Fn fn) {
-    const int64_t align = 16;
+static void parallel_rows(int64_t N, int64_t work_per_row, int64_t align, Fn fn) {
     int nt = g_threads.load(std::memory_order_relaxed);
     if (N * work_per_row < (1 << 16)) nt = 1;  // below ~64k weights a thread costs more than it brings
     nt = (int)std::min<int64_t>(nt, (N + align - 1) / align);
@@ -476,6 +475,9 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int64_t ldx, int
 // Matmuls
 // ============================================================================================
 
+// Rows per thread chunk: whole tiles of a tiled format (the table kernels work tile by tile).
+static int64_t row_align(Format f) { return is_tiled(f) ? tile_rows(f) : 16; }
+
 static PackedView view(Format f, const uint8_t* packed, int64_t N, int64_t K) {
     return PackedView{f, packed, N, K, padded_k(f, K), row_bytes(f, K)};
 }
@@ -502,7 +504,7 @@ void gemm_a8(Format f, const uint8_t* packed, int64_t N, int64_t K, const int8_t
     A8Fn fn = t.a8[int(f)] ? t.a8[int(f)] : kTableGeneric.a8[int(f)];
     A8PrepFn prep = t.a8[int(f)] ? t.a8_prep[int(f)] : nullptr;
     if (!prep) {
-        parallel_rows(N, w.Kp * M, [&](int64_t n0, int64_t n1, int) { fn(w, a, wscale, bias, out, n0, n1); });
+        parallel_rows(N, w.Kp * M, row_align(f), [&](int64_t n0, int64_t n1, int) { fn(w, a, wscale, bias, out, n0, n1); });
         return;
     }
     // Every thread builds its own tables (a8_prep) on its first chunk. Built once and shared, they
@@ -512,7 +514,7 @@ void gemm_a8(Format f, const uint8_t* packed, int64_t N, int64_t K, const int8_t
     const size_t slots = (size_t)std::max(1, g_threads.load(std::memory_order_relaxed)) + 1;
     std::vector<A8Acts> acts(slots, a);
     std::vector<std::vector<uint8_t>> luts(slots);
-    parallel_rows(N, w.Kp * M, [&](int64_t n0, int64_t n1, int tid) {
+    parallel_rows(N, w.Kp * M, row_align(f), [&](int64_t n0, int64_t n1, int tid) {
         A8Acts& mine = acts[(size_t)tid];
         if (!mine.lut) prep(w, mine, luts[(size_t)tid]);
         fn(w, mine, wscale, bias, out, n0, n1);
@@ -533,7 +535,7 @@ void gemm_f32(Format f, const uint8_t* packed, int64_t N, int64_t K, const float
         a.ldx = w.Kp;
     }
     F32Fn fn = t.f32[int(f)] ? t.f32[int(f)] : kTableGeneric.f32[int(f)];
-    parallel_rows(N, w.Kp * M, [&](int64_t n0, int64_t n1, int) { fn(w, a, wscale, bias, out, n0, n1); });
+    parallel_rows(N, w.Kp * M, row_align(f), [&](int64_t n0, int64_t n1, int) { fn(w, a, wscale, bias, out, n0, n1); });
 }
 
 // ============================================================================================

@@ -20,7 +20,8 @@
 //   T1: ternary, 1.67 bits/weight (blocks of 48 weights in 10 bytes: a nibble and a sign bit per
 //       3 weights), rows interleaved in tiles of 16, tile-blocks grouped in K chunks of 768, then
 //       one int32 per stored row: the row's count of set sign bits
-//   B1: binary ±1, 1 bit/weight (blocks of 256 weights in 32 bytes), rows in tiles of 16
+//   B1: binary ±1, 1 bit/weight (blocks of 256 weights in 32 bytes), rows interleaved in tiles of 64,
+//       tile-blocks grouped in K chunks of 1024
 // Rows are padded to whole blocks; packed_bytes() is the size of the whole matrix.
 #pragma once
 

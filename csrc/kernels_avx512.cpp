@@ -16,6 +16,11 @@ static inline simde__m512i bitllm_mm512_cvtepu8_epi32(simde__m128i a) {
                                    simde_mm256_cvtepu8_epi32(simde_mm_srli_si128(a, 8)), 1);
 }
 #define _mm512_cvtepu8_epi32 bitllm_mm512_cvtepu8_epi32
+static inline simde__m512i bitllm_mm512_cvtepi16_epi32(simde__m256i a) {
+    return simde_mm512_inserti64x4(simde_mm512_castsi256_si512(simde_mm256_cvtepi16_epi32(simde_mm256_castsi256_si128(a))),
+                                   simde_mm256_cvtepi16_epi32(simde_mm256_extracti128_si256(a, 1)), 1);
+}
+#define _mm512_cvtepi16_epi32 bitllm_mm512_cvtepi16_epi32
 #define _mm512_cmpneq_epi32_mask(a, b) ((simde__mmask16)~simde_mm512_cmpeq_epi32_mask(a, b))
 static inline simde__m512i bitllm_mm512_srai_epi32(simde__m512i a, unsigned s) {
     return simde_mm512_inserti64x4(simde_mm512_castsi256_si512(simde_mm256_srai_epi32(simde_mm512_castsi512_si256(a), (int)s)),
@@ -250,6 +255,81 @@ void decode_i2_codes(const uint8_t* row, int64_t Kp, uint8_t* codes) {
 }
 
 // ============================================================================================
+// B1: vpermw lookups of int16 tables
+// ============================================================================================
+// A 64-byte line of a B1 tile-block is byte p of its 64 rows (kernels_internal.h, BlockB1). As 32
+// words, word i holds that byte of rows 2i (low) and 2i + 1 (high), whose 4 nibbles are the "is -1"
+// flags of the column groups 2p (low nibble) and 2p + 1 (high nibble) of the two rows. vpermw looks
+// up 32 int16 entries by the low 5 bits of each word: with a group's 16 sums T[e] = Σ c·q (the same
+// tables as the AVX2 kernel's, b1_tables_avx2, kept as int16) repeated in both halves of the 32,
+// w, w >> 4, w >> 8 and w >> 12 index them directly, whatever the bits above the nibble hold. Per
+// 512 weight-rows: 3 shifts, 4 vpermw, 4 adds (11 zmm ops, against 30 ymm ops for pshufb tables).
+constexpr int64_t kB1PermBytes = 64;   // table bytes per row byte: T_2p then T_2p+1, 16 int16 each
+constexpr int kB1PermGroup = 31;       // int16 lanes gain 2 lookups of |T| <= 512 per row byte: 62·512 < 2^15
+constexpr int64_t kB1PermMaxRows = 16;  // activation rows served by tables (more: the decoded-tile GEMM)
+
+void a8_b1_prep_avx512(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
+    if (a.M > kB1PermMaxRows) return;
+    const int64_t bytes = w.row_bytes;
+    scratch.resize((size_t)(a.M * bytes * kB1PermBytes + 64));
+    uint8_t* lut = scratch.data() + ((64 - (reinterpret_cast<uintptr_t>(scratch.data()) & 63)) & 63);
+    for (int64_t m = 0; m < a.M; ++m) b1_tables_avx2(a.q + m * a.ldq, bytes, lut + m * bytes * kB1PermBytes, true);
+    a.lut = lut;
+}
+
+// One tile-chunk (64 rows, `bytes` row bytes) against MB activation rows (tables lut_stride bytes
+// apart): adds Σ c·q of tile row r to acc[m * acc_stride + r]. No software prefetch: a thread's tiles
+// of a K chunk are one sequential stream, and on a Zen 4 the hardware prefetcher alone streamed it
+// faster (1 thread, from DRAM: 8640x3200 149-156 µs, against 171-184 with prefetcht0 2-8 KB ahead).
+template <int MB>
+inline void b1_perm_tile(const uint8_t* t, int64_t bytes, const uint8_t* lut, int64_t lut_stride, int32_t* acc,
+                         int64_t acc_stride) {
+    // (even rows, odd rows) -> row order, 16 rows per vector
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int64_t p0 = 0; p0 < bytes; p0 += kB1PermGroup) {
+        const int64_t p1 = std::min<int64_t>(bytes, p0 + kB1PermGroup);
+        __m512i ev[MB], od[MB];  // int16 sums of rows 0, 2, .., 62 and 1, 3, .., 63
+        for (int m = 0; m < MB; ++m) ev[m] = od[m] = _mm512_setzero_si512();
+        for (int64_t p = p0; p < p1; ++p) {
+            const __m512i v = load512(t + kB1TileRows * p);
+            const __m512i v4 = _mm512_srli_epi16(v, 4), v8 = _mm512_srli_epi16(v, 8), v12 = _mm512_srli_epi16(v, 12);
+            for (int m = 0; m < MB; ++m) {
+                const uint8_t* tb = lut + m * lut_stride + kB1PermBytes * p;
+                const __m512i tl = _mm512_broadcast_i64x4(load256(tb)), th = _mm512_broadcast_i64x4(load256(tb + 32));
+                ev[m] = _mm512_add_epi16(ev[m], _mm512_add_epi16(_mm512_permutexvar_epi16(v, tl),
+                                                                 _mm512_permutexvar_epi16(v4, th)));
+                od[m] = _mm512_add_epi16(od[m], _mm512_add_epi16(_mm512_permutexvar_epi16(v8, tl),
+                                                                 _mm512_permutexvar_epi16(v12, th)));
+            }
+        }
+        for (int m = 0; m < MB; ++m) {
+            int32_t* o = acc + m * acc_stride;
+            for (int h = 0; h < 2; ++h) {  // rows 32h .. 32h + 31
+                const __m512i e = _mm512_cvtepi16_epi32(h ? _mm512_extracti64x4_epi64(ev[m], 1) : _mm512_castsi512_si256(ev[m]));
+                const __m512i d = _mm512_cvtepi16_epi32(h ? _mm512_extracti64x4_epi64(od[m], 1) : _mm512_castsi512_si256(od[m]));
+                int32_t* oh = o + 32 * h;
+                _mm512_storeu_si512(oh, _mm512_add_epi32(load512(oh), _mm512_permutex2var_epi32(e, first, d)));
+                _mm512_storeu_si512(oh + 16, _mm512_add_epi32(load512(oh + 16), _mm512_permutex2var_epi32(e, second, d)));
+            }
+        }
+    }
+}
+
+void a8_b1_avx512(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+                  int64_t n0, int64_t n1) {
+    if (!a.lut) return a8_b1_avx2(w, a, wscale, bias, out, n0, n1);  // more activation rows: the decoded-tile GEMM
+    auto tile = [](int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t stride, bool, int32_t* acc,
+                   int64_t acc_stride) {
+        with_rows(mb, [&](auto k) {
+            b1_perm_tile<decltype(k)::value>(tp, cb * (int64_t)sizeof(BlockB1), lut, stride, acc, acc_stride);
+        });
+    };
+    auto finish = [&](int32_t s, int64_t m, int64_t) { return a.qsum[m] - 2 * s; };  // Σ(1-2c)q
+    table_rows(w, a, wscale, bias, out, n0, n1, kB1PermBytes * (int64_t)sizeof(BlockB1), tile, finish);
+}
+
+// ============================================================================================
 // F32: one zmm = the 16 canonical lanes
 // ============================================================================================
 
@@ -285,15 +365,15 @@ void f32_i2_avx512(const PackedView& w, const F32Acts& a, const float* wscale, c
 
 }  // namespace
 
-// T1 and B1 run the AVX2 pshufb table kernels (AVX-512 CPUs have AVX2). A vpermi2b (VBMI) T1 kernel,
+// T1 runs the AVX2 pshufb table kernel (AVX-512 CPUs have AVX2). A vpermi2b (VBMI) T1 kernel,
 // one 128-byte lookup for 4 groups of 16 rows, was measured on a Zen 4 against the sign-folded AVX2
 // kernel and removed (session 9): the same speed at M = 1 (~98 G weight-rows/s per core, hot), its
 // 1 KB-per-block tables 2 µs slower to build at K = 4096, and 78 against 116 at M = 16.
 const KernelTable kTableAVX512 = {
-    {a8_i2_avx512, a8_t1_avx2, a8_b1_avx2},
+    {a8_i2_avx512, a8_t1_avx2, a8_b1_avx512},
     {f32_i2_avx512, f32_t1_avx2, f32_b1_avx2},
     quantize_avx2,  // AVX-512 CPUs have AVX2; the quantizer is a small part of a matmul
-    {a8_i2_prep_avx512, a8_t1_prep_avx2, a8_b1_prep_avx2},
+    {a8_i2_prep_avx512, a8_t1_prep_avx2, a8_b1_prep_avx512},
 };
 
 }  // namespace bitllm

@@ -47,12 +47,13 @@ static_assert(sizeof(BlockT1) == 10, "T1 block (per row): 48 weights in 10 bytes
 constexpr int kT1Weights = 48;
 constexpr int64_t kT1ChunkBlocks = 16;  // 768 columns per K chunk
 
-// B1: 256 binary weights in 32 bytes = 1.0 bit/weight, rows interleaved in tiles of 16.
+// B1: 256 binary weights in 32 bytes = 1.0 bit/weight, rows interleaved in tiles of 64.
 // Byte p of a row, bit i holds c = 1 if w = -1 (0 if w = +1) for weight k = 8*p + i (the file
-// layout's order). Rows are not stored one after another: the rows 16t..16t+15 form a tile whose
-// tile-blocks (16 rows x one 32-byte block, 512 bytes) hold byte j of row 16t+r at 16*j + r, so one
-// 32-byte load holds bytes j and j+1 of 16 rows — the shape a pshufb table lookup wants
-// (kernels_avx2.cpp, "B1 LUT"). Like T1's, the tile-blocks are grouped in K chunks of
+// layout's order). Rows are not stored one after another: the rows 64t..64t+63 form a tile whose
+// tile-blocks (64 rows x one 32-byte block, 2 KB) hold byte j of row 64t+r at 64*j + r, so one
+// 64-byte line holds byte j of 64 rows: the shape a table lookup wants (AVX-512: one vpermw per
+// nibble of 32 rows, kernels_avx512.cpp "B1"; AVX2: a pshufb per nibble of 32 rows in two 16-row
+// lanes, kernels_avx2.cpp "B1 LUT"). Like T1's, the tile-blocks are grouped in K chunks of
 // kB1ChunkBlocks (tile_block_offset): chunk c of every tile comes before chunk c + 1 of any tile,
 // so that the activation tables of one chunk (8 KB per activation row) stay in L1 while a thread's
 // tiles stream past them. The last tile is padded with zero rows (never written out).
@@ -62,17 +63,19 @@ struct BlockB1 {
 static_assert(sizeof(BlockB1) == 32, "B1 block: 256 weights, 1 bit each");
 constexpr int kB1Weights = 256;
 constexpr int64_t kB1ChunkBlocks = 4;  // 1024 columns per K chunk
-constexpr int64_t kTileRows = 16;  // rows per tile of the tiled formats (T1, B1)
+constexpr int64_t kT1TileRows = 16;  // rows per tile of the tiled formats
+constexpr int64_t kB1TileRows = 64;
 
 inline bool is_tiled(Format f) { return f != Format::I2; }
-// The tiled formats' block: weights, bytes per row, blocks per K chunk, bytes per tile-block.
+// The tiled formats' rows per tile, block: weights, bytes per row, blocks per K chunk, bytes per tile-block.
+constexpr int64_t tile_rows(Format f) { return f == Format::B1 ? kB1TileRows : kT1TileRows; }
 constexpr int64_t tiled_block_weights(Format f) { return f == Format::B1 ? kB1Weights : kT1Weights; }
 constexpr int64_t tiled_block_bytes(Format f) { return f == Format::B1 ? (int64_t)sizeof(BlockB1) : (int64_t)sizeof(BlockT1); }
 constexpr int64_t chunk_blocks(Format f) { return f == Format::B1 ? kB1ChunkBlocks : kT1ChunkBlocks; }
-constexpr int64_t tile_block_bytes(Format f) { return kTileRows * tiled_block_bytes(f); }
+constexpr int64_t tile_block_bytes(Format f) { return tile_rows(f) * tiled_block_bytes(f); }
 // Rows the packed matrix holds: N, or N rounded up to whole tiles.
 inline int64_t stored_rows(Format f, int64_t N) {
-    return is_tiled(f) ? (N + kTileRows - 1) / kTileRows * kTileRows : N;
+    return is_tiled(f) ? (N + tile_rows(f) - 1) / tile_rows(f) * tile_rows(f) : N;
 }
 
 // ============================================================================================
@@ -165,10 +168,10 @@ inline float f32_tree16(const float* l) {
 // Scalar decode of one packed row into codes w+1 ∈ {0,1,2} (B1: 0 for -1, 2 for +1), Kp entries.
 void decode_row_codes_generic(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes);
 
-// Byte offset of the tile-block (tile t = rows 16t..16t+15, block b) of a tiled format: its
-// 16·block_bytes bytes hold byte j of row 16t+r at 16·j + r.
+// Byte offset of the tile-block (tile t = rows TR·t..TR·t+TR-1, TR = tile_rows(f), block b) of a
+// tiled format: its TR·block_bytes bytes hold byte j of row TR·t+r at TR·j + r.
 inline int64_t tile_block_offset(Format f, int64_t N, int64_t Kp, int64_t t, int64_t b) {
-    const int64_t nb = Kp / tiled_block_weights(f), tiles = stored_rows(f, N) / kTileRows, C = chunk_blocks(f);
+    const int64_t nb = Kp / tiled_block_weights(f), tiles = stored_rows(f, N) / tile_rows(f), C = chunk_blocks(f);
     const int64_t c = b / C, cb = std::min<int64_t>(C, nb - c * C);
     return (c * C * tiles + t * cb + (b - c * C)) * tile_block_bytes(f);
 }
@@ -184,20 +187,20 @@ inline int32_t t1_sign_count(const PackedView& w, int64_t n) {
 // `buf` (row_bytes long) gathered from the row's tile-blocks for the tiled ones.
 inline const uint8_t* row_of(const PackedView& w, int64_t n, uint8_t* buf) {
     if (!is_tiled(w.fmt)) return w.data + n * w.row_bytes;
-    const int64_t bb = tiled_block_bytes(w.fmt), t = n / kTileRows, r = n % kTileRows;
+    const int64_t bb = tiled_block_bytes(w.fmt), TR = tile_rows(w.fmt), t = n / TR, r = n % TR;
     for (int64_t b = 0; b < w.row_bytes / bb; ++b) {
         const uint8_t* src = w.data + tile_block_offset(w.fmt, w.N, w.Kp, t, b) + r;
-        for (int64_t j = 0; j < bb; ++j) buf[b * bb + j] = src[kTileRows * j];
+        for (int64_t j = 0; j < bb; ++j) buf[b * bb + j] = src[TR * j];
     }
     return buf;
 }
 // The inverse: scatter row n (row order, row_bytes long) into a tiled matrix.
 inline void store_row(Format f, int64_t N, int64_t Kp, int64_t n, const uint8_t* row, uint8_t* data) {
-    const int64_t bb = tiled_block_bytes(f), t = n / kTileRows, r = n % kTileRows;
+    const int64_t bb = tiled_block_bytes(f), TR = tile_rows(f), t = n / TR, r = n % TR;
     const int64_t rb = Kp / tiled_block_weights(f) * bb;
     for (int64_t b = 0; b < rb / bb; ++b) {
         uint8_t* dst = data + tile_block_offset(f, N, Kp, t, b) + r;
-        for (int64_t j = 0; j < bb; ++j) dst[kTileRows * j] = row[b * bb + j];
+        for (int64_t j = 0; j < bb; ++j) dst[TR * j] = row[b * bb + j];
     }
 }
 
@@ -222,14 +225,16 @@ constexpr int64_t kT1LutMaxRows = 16;  // activation rows served by tables (more
 // The outer loop of both table kernels: rows [n0, n1) (whole tiles but the last) for the M <= 16
 // activation rows, K chunk by K chunk (the chunk's tables stay in L1), every tile of the rows (one
 // sequential stream per chunk), activation rows in groups of <= 4 per pass over a tile.
-// tile(mb, tile_data, blocks, lut, lut_stride, prefetch, acc, acc_stride) adds the tile's 16 row sums
-// for mb activation rows (tables of lut_block bytes per block); out = a8_epilogue(finish(sum, m, n)).
+// tile(mb, tile_data, blocks, lut, lut_stride, prefetch, acc, acc_stride) adds the tile's TR =
+// tile_rows row sums for mb activation rows (tables of lut_block bytes per block); out =
+// a8_epilogue(finish(sum, m, n)).
 template <class TileFn, class FinishFn>
 void table_rows(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
                 int64_t n0, int64_t n1, int64_t lut_block, TileFn tile, FinishFn finish) {
-    const int64_t nb = w.Kp / tiled_block_weights(w.fmt), tiles = stored_rows(w.fmt, w.N) / kTileRows;
+    const int64_t TR = tile_rows(w.fmt);
+    const int64_t nb = w.Kp / tiled_block_weights(w.fmt), tiles = stored_rows(w.fmt, w.N) / TR;
     const int64_t C = chunk_blocks(w.fmt), tb = tile_block_bytes(w.fmt);
-    const int64_t t0 = n0 / kTileRows, t1 = (n1 + kTileRows - 1) / kTileRows, rows = (t1 - t0) * kTileRows;
+    const int64_t t0 = n0 / TR, t1 = (n1 + TR - 1) / TR, rows = (t1 - t0) * TR;
     const int64_t lut_stride = nb * lut_block;
     const int64_t groups = (a.M + 3) / 4, base = a.M / groups, extra = a.M % groups;
     std::vector<int32_t> acc((size_t)(a.M * rows), 0);  // (M, rows)
@@ -240,13 +245,13 @@ void table_rows(const PackedView& w, const A8Acts& a, const float* wscale, const
             for (int64_t g = 0, m0 = 0; g < groups; ++g) {
                 const int mb = (int)(base + (g < extra));
                 tile(mb, chunk + (t - t0) * cb * tb, cb, a.lut + m0 * lut_stride + c0 * lut_block, lut_stride, g == 0,
-                     &acc[m0 * rows + (t - t0) * kTileRows], rows);
+                     &acc[m0 * rows + (t - t0) * TR], rows);
                 m0 += mb;
             }
     }
     for (int64_t m = 0; m < a.M; ++m)
         for (int64_t n = n0; n < n1; ++n)
-            out[m * w.N + n] = a8_epilogue(finish(acc[m * rows + n - t0 * kTileRows], m, n), a.xscale[m], wscale[n], bias, n);
+            out[m * w.N + n] = a8_epilogue(finish(acc[m * rows + n - t0 * TR], m, n), a.xscale[m], wscale[n], bias, n);
 }
 
 // The pattern value v of a 5-bit T1 code (nibble i | sign bit << 4): 13 + i, or 13 - i with the sign
@@ -292,6 +297,12 @@ void a8_b1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const
                 int64_t n0, int64_t n1);
 void f32_b1_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,
                  int64_t n0, int64_t n1);
+// B1 activation tables: for each 4-column group g (columns 4g..4g+3) of `positions` row bytes (2
+// groups each), the 16 sums T_g[e] = Σ_i bit_i(e)·q[4g + i] (|T| <= 512). int16: 32 bytes per group
+// in group order (the AVX-512 vpermw tables); else the pshufb form, 64 bytes per row byte p: low
+// bytes of T_2p, high bytes of T_2p, low bytes of T_2p+1, high bytes of T_2p+1, 16 each. q: 8·positions
+// activations (positions even) plus 16 readable bytes.
+void b1_tables_avx2(const int8_t* q, int64_t positions, uint8_t* dst, bool int16);
 #endif
 
 }  // namespace bitllm

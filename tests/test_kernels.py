@@ -41,6 +41,7 @@ SHAPES = [
     (9, 65, 1601),
     (7, 13, 700),
     (16, 40, 2100),
+    (4, 200, 1100),  # b1: three whole 64-row tiles and a partial one, two K chunks
     (17, 9, 1100),
     (130, 23, 515),
 ]
@@ -141,7 +142,8 @@ def test_quantizer_property(M, K, scale, seed):
 def test_pack_unpack_roundtrip(fmt, N, K, seed):
     W = random_weights(fmt, N, K, torch.Generator().manual_seed(seed))
     p = bk.pack(fmt, W)
-    rows = -(-N // 16) * 16 if fmt != "i2" else N  # t1 and b1 interleave rows in tiles of 16
+    tile = {"i2": 1, "t1": 16, "b1": 64}[fmt]  # t1 and b1 interleave rows in tiles of 16 and 64
+    rows = -(-N // tile) * tile
     trailer = 4 if fmt == "t1" else 0  # t1: an int32 per stored row, its count of set sign bits
     assert p.data.numel() == rows * (bk._core.row_bytes(fmt, K) + trailer)
     assert torch.equal(p.unpack(), W)
@@ -168,30 +170,31 @@ def test_bits_per_weight():
     # the t1 kernel layout spends 5 bits on 3 weights (its file format: 8 bits on 5) and 32 bits per row
     for fmt, bpw in [("i2", 2.0), ("t1", 5 / 3 + 32 / 2880), ("b1", 1.0)]:
         K = {"i2": 1280, "t1": 2880, "b1": 2560}[fmt]  # whole blocks
-        p = bk.pack(fmt, torch.zeros(32, K, dtype=torch.int8) + (1 if fmt == "b1" else 0))
+        p = bk.pack(fmt, torch.zeros(64, K, dtype=torch.int8) + (1 if fmt == "b1" else 0))  # whole tiles
         assert p.bits_per_weight == pytest.approx(bpw, rel=1e-12)
 
 
 @pytest.mark.parametrize("K", [300, 1300])  # one K chunk; 6 blocks = chunks of 4 and 2
-def test_b1_kernel_layout_interleaves_tiles_of_16_rows_in_k_chunks(K):
-    # docs/formats.md §5: byte j of block b of row 16t+r sits at 512*(4cT + t*n_c + b - 4c) + 16j + r
+def test_b1_kernel_layout_interleaves_tiles_of_64_rows_in_k_chunks(K):
+    # docs/formats.md §5: byte j of block b of row 64t+r sits at 2048*(4cT + t*n_c + b - 4c) + 64j + r
     # (c = b // 4, n_c blocks in chunk c, T tiles); its bit i is 1 iff column 256b + 8j + i is -1
     # (the file layout's byte); padding columns are +1 and padding rows zero.
-    N, T = 20, 2
+    N, T = 70, 2
     W = random_weights("b1", N, K, torch.Generator().manual_seed(0))
     rb = bk._core.row_bytes("b1", K)
     nb = rb // 32
     data = bk.pack("b1", W).data
+    assert data.numel() == T * 64 * rb
     bits = torch.zeros(N, rb * 8, dtype=torch.int64)
     bits[:, :K] = (W == -1).long()
     want = (bits.view(N, rb, 8) << torch.arange(8)).sum(-1).to(torch.uint8)  # (N, rb)
-    for n in range(T * 16):
-        t, r = divmod(n, 16)
+    for n in range(T * 64):
+        t, r = divmod(n, 64)
         for b in range(nb):
             c = b // 4
             n_c = min(4, nb - 4 * c)
-            start = 512 * (4 * c * T + t * n_c + b - 4 * c)
-            got = data[start + r:start + 512:16]  # the 32 bytes of row n in tile-block (t, b)
+            start = 2048 * (4 * c * T + t * n_c + b - 4 * c)
+            got = data[start + r:start + 2048:64]  # the 32 bytes of row n in tile-block (t, b)
             assert torch.equal(got, want[n, 32 * b:32 * b + 32] if n < N else torch.zeros(32, dtype=torch.uint8)), (n, b)
 
 

@@ -473,7 +473,7 @@ void Engine::set_tensor(const std::string& name, const std::string& dtype, const
 static bool fuse(std::vector<Linear*> parts, Format f, Linear& out) {
     for (const Linear* p : parts)
         if (!p->norm.empty() || !p->input_factor.empty() || p->K != parts[0]->K) return false;
-    // rows one after another: the matrix of N rows is N rows long (the tiled layouts pad to 16)
+    // rows one after another: the matrix of N rows is N rows long (the tiled layouts pad to whole tiles)
     const bool row_major = packed_bytes(f, 1, parts[0]->K) == row_bytes(f, parts[0]->K);
     std::vector<int8_t> rows;  // (Σ N, K) int8, for the tiled layouts
     if (!row_major) {

@@ -45,7 +45,7 @@ class KernelFormat(str, Enum):
 
     I2 = "i2"  # ternary, rows of 32-byte blocks: byte j bits 2i..2i+1 = w+1 of k = 32i + j (2.0 bpw)
     T1 = "t1"  # ternary, 3-column codes (nibble + high bit), tiles of 16 rows, K chunks (1.67 bpw)
-    B1 = "b1"  # binary ±1, byte p bit i = (w == -1) of k = 8p + i, tiles of 16 rows (1.0 bpw)
+    B1 = "b1"  # binary ±1, byte p bit i = (w == -1) of k = 8p + i, tiles of 64 rows, K chunks (1.0 bpw)
 
 
 _ALPHABET = {KernelFormat.I2: "{-1, 0, +1}", KernelFormat.T1: "{-1, 0, +1}", KernelFormat.B1: "{-1, +1}"}
@@ -54,7 +54,8 @@ _ALPHABET = {KernelFormat.I2: "{-1, 0, +1}", KernelFormat.T1: "{-1, 0, +1}", Ker
 @dataclass(frozen=True)
 class PackedWeight:
     """A weight matrix in a kernel layout: ``data`` is a 1-D uint8 tensor of ``N`` padded rows (T1 and
-    B1: rounded up to tiles of 16; T1: then one int32 per stored row, its count of set sign bits)."""
+    T1: rounded up to tiles of 16, then one int32 per stored row, its count of set sign bits; B1: rounded
+    up to tiles of 64)."""
 
     fmt: KernelFormat
     N: int
