@@ -426,7 +426,7 @@ void f32_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const 
 constexpr int64_t kB1LutBytes = 64;  // table bytes per row byte (8 columns)
 constexpr int64_t kB1BlockBytes = (int64_t)sizeof(BlockB1);  // row bytes per block
 constexpr int kB1LutGroup = 31;       // int16 lanes gain 2 lookups of |T| <= 512 per row byte: 62·512 < 2^15
-constexpr int64_t kB1LutMaxRows = 16;  // activation rows served by tables (more: the decoded-tile GEMM)
+constexpr int64_t kB1LutMaxRows = 16;  // activation rows whose tables are built at once
 
 // The T1 table kernel keeps 8 rows x 2 lanes of int16 sums per vector; both lanes hold the same rows
 // (two groups of columns): their sum as int32.
@@ -737,8 +737,8 @@ void f32_t1_avx2(const PackedView& w, const F32Acts& a, const float* wscale, con
 
 // ---- B1 entry points (also in the AVX-512 table) ----
 
-void a8_b1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
-    if (a.M > kB1LutMaxRows) return;  // more activation rows: the decoded-tile GEMM (no tables)
+// Tables of a.M <= kB1LutMaxRows activation rows into scratch; a.lut points at them.
+void b1_lut_tables(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
     const int64_t bytes = w.row_bytes;
     scratch.resize((size_t)(a.M * bytes * kB1LutBytes + 32));
     uint8_t* lut = scratch.data() + ((32 - (reinterpret_cast<uintptr_t>(scratch.data()) & 31)) & 31);
@@ -746,9 +746,25 @@ void a8_b1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scrat
     a.lut = lut;
 }
 
+void a8_b1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
+    if (a.M <= kB1LutMaxRows) b1_lut_tables(w, a, scratch);  // more rows: a8_b1_avx2 builds them 16 at a time
+}
+
 void a8_b1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
                 int64_t n0, int64_t n1) {
-    if (a.lut) {
+    if (!a.lut) {
+        // More than 16 activation rows (prefill): the tables of 16 rows at a time, each block of rows
+        // a pass over the thread's rows (from L2/L3 after the first). Against the decoded-tile maddubs
+        // GEMM this took M = 128 from 113-123 G weight-rows/s per core to ~200 (Zen 4, hot).
+        thread_local std::vector<uint8_t> scratch;
+        for (int64_t m0 = 0; m0 < a.M; m0 += kB1LutMaxRows) {
+            A8Acts part{a.q + m0 * a.ldq, a.ldq, a.qsum + m0, a.xscale + m0, std::min<int64_t>(kB1LutMaxRows, a.M - m0)};
+            b1_lut_tables(w, part, scratch);
+            a8_b1_avx2(w, part, wscale, bias, out + m0 * w.N, n0, n1);
+        }
+        return;
+    }
+    {
         auto tile = [](int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t stride, bool, int32_t* acc,
                        int64_t acc_stride) {
             with_rows(mb, [&](auto k) {
@@ -756,9 +772,8 @@ void a8_b1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const
             });
         };
         auto finish = [&](int32_t s, int64_t m, int64_t) { return a.qsum[m] - 2 * s; };  // Σ(1-2c)q
-        return table_rows(w, a, wscale, bias, out, n0, n1, kB1LutBytes * kB1BlockBytes, tile, finish);
+        table_rows(w, a, wscale, bias, out, n0, n1, kB1LutBytes * kB1BlockBytes, tile, finish);
     }
-    gemm_tiles(Format::B1, w, a, wscale, bias, out, n0, n1);
 }
 
 void f32_b1_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,

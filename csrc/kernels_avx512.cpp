@@ -266,15 +266,19 @@ void decode_i2_codes(const uint8_t* row, int64_t Kp, uint8_t* codes) {
 // 512 weight-rows: 3 shifts, 4 vpermw, 4 adds (11 zmm ops, against 30 ymm ops for pshufb tables).
 constexpr int64_t kB1PermBytes = 64;   // table bytes per row byte: T_2p then T_2p+1, 16 int16 each
 constexpr int kB1PermGroup = 31;       // int16 lanes gain 2 lookups of |T| <= 512 per row byte: 62·512 < 2^15
-constexpr int64_t kB1PermMaxRows = 16;  // activation rows served by tables (more: the decoded-tile GEMM)
+constexpr int64_t kB1PermMaxRows = 16;  // activation rows whose tables are built at once
 
-void a8_b1_prep_avx512(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
-    if (a.M > kB1PermMaxRows) return;
+// Tables of a.M <= kB1PermMaxRows activation rows into scratch; a.lut points at them.
+void b1_perm_tables(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
     const int64_t bytes = w.row_bytes;
     scratch.resize((size_t)(a.M * bytes * kB1PermBytes + 64));
     uint8_t* lut = scratch.data() + ((64 - (reinterpret_cast<uintptr_t>(scratch.data()) & 63)) & 63);
     for (int64_t m = 0; m < a.M; ++m) b1_tables_avx2(a.q + m * a.ldq, bytes, lut + m * bytes * kB1PermBytes, true);
     a.lut = lut;
+}
+
+void a8_b1_prep_avx512(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
+    if (a.M <= kB1PermMaxRows) b1_perm_tables(w, a, scratch);  // more rows: a8_b1_avx512 builds them 16 at a time
 }
 
 // One tile-chunk (64 rows, `bytes` row bytes) against MB activation rows (tables lut_stride bytes
@@ -318,7 +322,18 @@ inline void b1_perm_tile(const uint8_t* t, int64_t bytes, const uint8_t* lut, in
 
 void a8_b1_avx512(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
                   int64_t n0, int64_t n1) {
-    if (!a.lut) return a8_b1_avx2(w, a, wscale, bias, out, n0, n1);  // more activation rows: the decoded-tile GEMM
+    if (!a.lut) {
+        // More than 16 activation rows (prefill): the tables of 16 rows at a time, each block of rows
+        // a pass over the thread's rows (from L2/L3 after the first). Against the decoded-tile maddubs
+        // GEMM this took M = 128 from 113-123 G weight-rows/s per core to 259-260 (Zen 4, hot; I2: 151-178).
+        thread_local std::vector<uint8_t> scratch;
+        for (int64_t m0 = 0; m0 < a.M; m0 += kB1PermMaxRows) {
+            A8Acts part{a.q + m0 * a.ldq, a.ldq, a.qsum + m0, a.xscale + m0, std::min<int64_t>(kB1PermMaxRows, a.M - m0)};
+            b1_perm_tables(w, part, scratch);
+            a8_b1_avx512(w, part, wscale, bias, out + m0 * w.N, n0, n1);
+        }
+        return;
+    }
     auto tile = [](int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t stride, bool, int32_t* acc,
                    int64_t acc_stride) {
         with_rows(mb, [&](auto k) {
