@@ -511,12 +511,59 @@ void gemm_a8(Format f, const uint8_t* packed, int64_t N, int64_t K, const int8_t
     // were written by one core and read by the other: on a 2-vCPU Zen 4 guest that cost ~20 µs per
     // call at K = 4096 (T1, B1; building them takes ~2-3 µs), as much as the GEMV itself. A prep that
     // leaves a.lut unset (more activation rows than tables serve) returns at once, so it may run again.
-    const size_t slots = (size_t)std::max(1, g_threads.load(std::memory_order_relaxed)) + 1;
+    const int nt = g_threads.load(std::memory_order_relaxed);
+    const size_t slots = (size_t)std::max(1, nt) + 1;
     std::vector<A8Acts> acts(slots, a);
     std::vector<std::vector<uint8_t>> luts(slots);
+    const int64_t nb = w.Kp / block_weights(f);
+    A8SumsFn sums = t.a8[int(f)] ? t.a8_sums[int(f)] : nullptr;
+    // K parts on whole K chunks (a part that starts inside a chunk reads a strided stream): chunk
+    // boundaries b_p, used for a GEMV (M = 1) with long rows (K >= 2N) when the largest part has at
+    // most 1.3x its share of the blocks. Zen 4, 2 threads, from DRAM, interleaved against the row
+    // split: 1536x4096 B1 31.0 / 33.8 µs, T1 53.1 / 57.1; 3200x8640 B1 99.3 / 103.5, T1 185.1 / 195.7;
+    // but 4096x1536 T1 53.8 / 48.5, 8640x3200 B1 (parts of 8 and 5 blocks) 108.8 / 90.5, and at M = 4
+    // 1536x4096 B1 105.7 / 90.1, T1 177.9 / 160.7: hence the conditions.
+    std::vector<int64_t> bound;
+    if (sums && nt >= 2 && M == 1 && w.Kp >= 2 * N && N * w.Kp >= (1 << 16)) {
+        const int64_t C = chunk_blocks(f), nc = (nb + C - 1) / C;
+        if (nc >= nt) {
+            int64_t largest = 0;
+            for (int p = 0; p <= nt; ++p) bound.push_back(std::min(nb, (nc * p + nt / 2) / nt * C));
+            for (int p = 0; p < nt; ++p) largest = std::max(largest, bound[p + 1] - bound[p]);
+            if (10 * largest * nt > 13 * nb) bound.clear();
+        }
+    }
+    if (!bound.empty()) {
+        // The table kernels split K, not rows, between the threads: part p is the blocks
+        // [b_p, b_p+1) of every row. A thread then reads one sequential stream per K chunk and builds
+        // only its part's tables, at the price of adding the parts' int32 sums.
+        const int parts = nt;
+        const int64_t SR = stored_rows(f, N);
+        std::vector<int32_t> acc((size_t)(parts * M * SR));  // (parts, M, SR)
+        auto part = [&](int64_t p, int tid) {
+            A8Acts& mine = acts[(size_t)tid];
+            prep(w, mine, luts[(size_t)tid], bound[p], bound[p + 1]);
+            sums(w, mine, 0, N, bound[p], bound[p + 1], &acc[(size_t)(p * M * SR)], SR);
+        };
+        parallel_chunks_tid(nt, parts, part);
+        parallel_rows(N, M * 64, row_align(f), [&](int64_t n0, int64_t n1, int) {
+            std::vector<int32_t> s((size_t)(n1 - n0));
+            for (int64_t m = 0; m < M; ++m) {
+                const int32_t* a0 = &acc[(size_t)(m * SR)];
+                for (int64_t n = n0; n < n1; ++n) s[n - n0] = a0[n];
+                for (int p = 1; p < parts; ++p) {
+                    const int32_t* ap = &acc[(size_t)((p * M + m) * SR)];
+                    for (int64_t n = n0; n < n1; ++n) s[n - n0] += ap[n];
+                }
+                for (int64_t n = n0; n < n1; ++n)
+                    out[m * N + n] = a8_epilogue(table_finish(w, s[n - n0], a.qsum[m], n), a.xscale[m], wscale[n], bias, n);
+            }
+        });
+        return;
+    }
     parallel_rows(N, w.Kp * M, row_align(f), [&](int64_t n0, int64_t n1, int tid) {
         A8Acts& mine = acts[(size_t)tid];
-        if (!mine.lut) prep(w, mine, luts[(size_t)tid]);
+        if (!mine.lut) prep(w, mine, luts[(size_t)tid], 0, nb);
         fn(w, mine, wscale, bias, out, n0, n1);
     });
 }

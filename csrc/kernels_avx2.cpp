@@ -426,7 +426,6 @@ void f32_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const 
 constexpr int64_t kB1LutBytes = 64;  // table bytes per row byte (8 columns)
 constexpr int64_t kB1BlockBytes = (int64_t)sizeof(BlockB1);  // row bytes per block
 constexpr int kB1LutGroup = 31;       // int16 lanes gain 2 lookups of |T| <= 512 per row byte: 62·512 < 2^15
-constexpr int64_t kB1LutMaxRows = 16;  // activation rows whose tables are built at once
 
 // The T1 table kernel keeps 8 rows x 2 lanes of int16 sums per vector; both lanes hold the same rows
 // (two groups of columns): their sum as int32.
@@ -703,8 +702,15 @@ void quantize_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q,
 
 // ---- T1 entry points (also in the AVX-512 table) ----
 
-void a8_t1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
-    if (a.M > kT1LutMaxRows) return;  // more activation rows: the decoded-tile GEMM (no tables)
+namespace {
+void t1_tile(int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t stride, bool pf, int32_t* acc,
+             int64_t acc_stride) {
+    with_rows(mb, [&](auto k) { t1_lut_tile<decltype(k)::value>(tp, cb, lut, stride, pf, acc, acc_stride); });
+}
+}  // namespace
+
+void a8_t1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1) {
+    if (a.M > kTableMaxRows) return;  // more activation rows: the decoded-tile GEMM (no tables)
     const int64_t nb = w.Kp / kT1Weights, lut_stride = nb * kT1LutBlockBytes;
     scratch.resize((size_t)(a.M * lut_stride + 64 + w.Kp + 16));
     uint8_t* lut = scratch.data() + ((64 - (reinterpret_cast<uintptr_t>(scratch.data()) & 63)) & 63);
@@ -712,21 +718,19 @@ void a8_t1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scrat
     std::memset(qp + w.Kp, 0, 16);
     for (int64_t m = 0; m < a.M; ++m) {
         std::memcpy(qp, a.q + m * a.ldq, (size_t)w.Kp);
-        t1_build_tables(qp, nb, lut + m * lut_stride);
+        t1_build_tables(qp + kT1Weights * b0, b1 - b0, lut + m * lut_stride + kT1LutBlockBytes * b0);
     }
     a.lut = lut;
 }
 
+void a8_t1_sums_avx2(const PackedView& w, const A8Acts& a, int64_t n0, int64_t n1, int64_t b0, int64_t b1, int32_t* acc,
+                     int64_t ldacc) {
+    table_sums(w, a, n0, n1, b0, b1, kT1LutBlockBytes, t1_tile, acc, ldacc);
+}
+
 void a8_t1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
                 int64_t n0, int64_t n1) {
-    if (a.lut) {
-        auto tile = [](int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t stride, bool pf, int32_t* acc,
-                       int64_t acc_stride) {
-            with_rows(mb, [&](auto k) { t1_lut_tile<decltype(k)::value>(tp, cb, lut, stride, pf, acc, acc_stride); });
-        };
-        auto finish = [&](int32_t s, int64_t, int64_t n) { return s + t1_sign_count(w, n); };  // undo the XORs' -1s
-        return table_rows(w, a, wscale, bias, out, n0, n1, kT1LutBlockBytes, tile, finish);
-    }
+    if (a.lut) return table_rows(w, a, wscale, bias, out, n0, n1, kT1LutBlockBytes, t1_tile);
     gemm_tiles(Format::T1, w, a, wscale, bias, out, n0, n1);
 }
 
@@ -737,42 +741,44 @@ void f32_t1_avx2(const PackedView& w, const F32Acts& a, const float* wscale, con
 
 // ---- B1 entry points (also in the AVX-512 table) ----
 
-// Tables of a.M <= kB1LutMaxRows activation rows into scratch; a.lut points at them.
-void b1_lut_tables(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
+namespace {
+// Tables of blocks [b0, b1) of a.M <= kTableMaxRows activation rows into scratch; a.lut points at them.
+void b1_lut_tables(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1) {
     const int64_t bytes = w.row_bytes;
     scratch.resize((size_t)(a.M * bytes * kB1LutBytes + 32));
     uint8_t* lut = scratch.data() + ((32 - (reinterpret_cast<uintptr_t>(scratch.data()) & 31)) & 31);
-    for (int64_t m = 0; m < a.M; ++m) b1_tables_avx2(a.q + m * a.ldq, bytes, lut + m * bytes * kB1LutBytes, false);
+    for (int64_t m = 0; m < a.M; ++m)
+        b1_tables_avx2(a.q + m * a.ldq + kB1Weights * b0, (b1 - b0) * kB1BlockBytes,
+                       lut + (m * bytes + kB1BlockBytes * b0) * kB1LutBytes, false);
     a.lut = lut;
 }
 
-void a8_b1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
-    if (a.M <= kB1LutMaxRows) b1_lut_tables(w, a, scratch);  // more rows: a8_b1_avx2 builds them 16 at a time
+void b1_tile(int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t stride, bool, int32_t* acc,
+             int64_t acc_stride) {
+    with_rows(mb, [&](auto k) { b1_lut_tile<decltype(k)::value>(tp, cb * kB1BlockBytes, lut, stride, acc, acc_stride); });
+}
+}  // namespace
+
+void a8_b1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1) {
+    if (a.M <= kTableMaxRows) b1_lut_tables(w, a, scratch, b0, b1);  // more rows: a8_b1_avx2 builds them 16 at a time
+}
+
+void a8_b1_sums_avx2(const PackedView& w, const A8Acts& a, int64_t n0, int64_t n1, int64_t b0, int64_t b1, int32_t* acc,
+                     int64_t ldacc) {
+    table_sums(w, a, n0, n1, b0, b1, kB1LutBytes * kB1BlockBytes, b1_tile, acc, ldacc);
 }
 
 void a8_b1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
                 int64_t n0, int64_t n1) {
-    if (!a.lut) {
-        // More than 16 activation rows (prefill): the tables of 16 rows at a time, each block of rows
-        // a pass over the thread's rows (from L2/L3 after the first). Against the decoded-tile maddubs
-        // GEMM this took M = 128 from 113-123 G weight-rows/s per core to ~200 (Zen 4, hot).
-        thread_local std::vector<uint8_t> scratch;
-        for (int64_t m0 = 0; m0 < a.M; m0 += kB1LutMaxRows) {
-            A8Acts part{a.q + m0 * a.ldq, a.ldq, a.qsum + m0, a.xscale + m0, std::min<int64_t>(kB1LutMaxRows, a.M - m0)};
-            b1_lut_tables(w, part, scratch);
-            a8_b1_avx2(w, part, wscale, bias, out + m0 * w.N, n0, n1);
-        }
-        return;
-    }
-    {
-        auto tile = [](int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t stride, bool, int32_t* acc,
-                       int64_t acc_stride) {
-            with_rows(mb, [&](auto k) {
-                b1_lut_tile<decltype(k)::value>(tp, cb * kB1BlockBytes, lut, stride, acc, acc_stride);
-            });
-        };
-        auto finish = [&](int32_t s, int64_t m, int64_t) { return a.qsum[m] - 2 * s; };  // Σ(1-2c)q
-        table_rows(w, a, wscale, bias, out, n0, n1, kB1LutBytes * kB1BlockBytes, tile, finish);
+    if (a.lut) return table_rows(w, a, wscale, bias, out, n0, n1, kB1LutBytes * kB1BlockBytes, b1_tile);
+    // More than 16 activation rows (prefill): the tables of 16 rows at a time, each block of rows a
+    // pass over the thread's rows (from L2/L3 after the first). Against the decoded-tile maddubs GEMM
+    // this took M = 128 from 113-123 G weight-rows/s per core to ~200 (Zen 4, hot).
+    thread_local std::vector<uint8_t> scratch;
+    for (int64_t m0 = 0; m0 < a.M; m0 += kTableMaxRows) {
+        A8Acts part{a.q + m0 * a.ldq, a.ldq, a.qsum + m0, a.xscale + m0, std::min<int64_t>(kTableMaxRows, a.M - m0)};
+        b1_lut_tables(w, part, scratch, 0, w.Kp / kB1Weights);
+        a8_b1_avx2(w, part, wscale, bias, out + m0 * w.N, n0, n1);
     }
 }
 
@@ -786,6 +792,7 @@ const KernelTable kTableAVX2 = {
     {f32_avx2<Format::I2>, f32_t1_avx2, f32_b1_avx2},
     quantize_avx2,
     {nullptr, a8_t1_prep_avx2, a8_b1_prep_avx2},
+    {nullptr, a8_t1_sums_avx2, a8_b1_sums_avx2},
 };
 
 }  // namespace bitllm

@@ -69,7 +69,7 @@ inline __m256i i2_plane256(__m256i v, int i) {
 // 128-column blocks, plane i's 64 bytes are q[256p + 32i, +32) then q[256p + 128 + 32i, +32), the
 // two halves a zmm of codes pairs with, so that one load serves a plane of both blocks (before: a
 // load and a vinserti64x4). An odd last block keeps its 128 bytes in column order.
-void a8_i2_prep_avx512(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
+void a8_i2_prep_avx512(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t, int64_t) {
     const int64_t Kp = w.Kp, pairs = Kp / 256;
     scratch.resize((size_t)(a.M * Kp + 64));
     int8_t* dst = reinterpret_cast<int8_t*>(scratch.data() + ((64 - (reinterpret_cast<uintptr_t>(scratch.data()) & 63)) & 63));
@@ -266,19 +266,18 @@ void decode_i2_codes(const uint8_t* row, int64_t Kp, uint8_t* codes) {
 // 512 weight-rows: 3 shifts, 4 vpermw, 4 adds (11 zmm ops, against 30 ymm ops for pshufb tables).
 constexpr int64_t kB1PermBytes = 64;   // table bytes per row byte: T_2p then T_2p+1, 16 int16 each
 constexpr int kB1PermGroup = 31;       // int16 lanes gain 2 lookups of |T| <= 512 per row byte: 62·512 < 2^15
-constexpr int64_t kB1PermMaxRows = 16;  // activation rows whose tables are built at once
-
-// Tables of a.M <= kB1PermMaxRows activation rows into scratch; a.lut points at them.
-void b1_perm_tables(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
-    const int64_t bytes = w.row_bytes;
+// Tables of blocks [b0, b1) of a.M <= kTableMaxRows activation rows into scratch; a.lut points at them.
+void b1_perm_tables(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1) {
+    const int64_t bytes = w.row_bytes, bb = (int64_t)sizeof(BlockB1);
     scratch.resize((size_t)(a.M * bytes * kB1PermBytes + 64));
     uint8_t* lut = scratch.data() + ((64 - (reinterpret_cast<uintptr_t>(scratch.data()) & 63)) & 63);
-    for (int64_t m = 0; m < a.M; ++m) b1_tables_avx2(a.q + m * a.ldq, bytes, lut + m * bytes * kB1PermBytes, true);
+    for (int64_t m = 0; m < a.M; ++m)
+        b1_tables_avx2(a.q + m * a.ldq + kB1Weights * b0, (b1 - b0) * bb, lut + (m * bytes + bb * b0) * kB1PermBytes, true);
     a.lut = lut;
 }
 
-void a8_b1_prep_avx512(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch) {
-    if (a.M <= kB1PermMaxRows) b1_perm_tables(w, a, scratch);  // more rows: a8_b1_avx512 builds them 16 at a time
+void a8_b1_prep_avx512(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1) {
+    if (a.M <= kTableMaxRows) b1_perm_tables(w, a, scratch, b0, b1);  // more rows: a8_b1_avx512 builds them 16 at a time
 }
 
 // One tile-chunk (64 rows, `bytes` row bytes) against MB activation rows (tables lut_stride bytes
@@ -320,28 +319,30 @@ inline void b1_perm_tile(const uint8_t* t, int64_t bytes, const uint8_t* lut, in
     }
 }
 
+void b1_perm_tile_n(int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t stride, bool, int32_t* acc,
+                    int64_t acc_stride) {
+    with_rows(mb, [&](auto k) {
+        b1_perm_tile<decltype(k)::value>(tp, cb * (int64_t)sizeof(BlockB1), lut, stride, acc, acc_stride);
+    });
+}
+
+void a8_b1_sums_avx512(const PackedView& w, const A8Acts& a, int64_t n0, int64_t n1, int64_t b0, int64_t b1,
+                       int32_t* acc, int64_t ldacc) {
+    table_sums(w, a, n0, n1, b0, b1, kB1PermBytes * (int64_t)sizeof(BlockB1), b1_perm_tile_n, acc, ldacc);
+}
+
 void a8_b1_avx512(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
                   int64_t n0, int64_t n1) {
-    if (!a.lut) {
-        // More than 16 activation rows (prefill): the tables of 16 rows at a time, each block of rows
-        // a pass over the thread's rows (from L2/L3 after the first). Against the decoded-tile maddubs
-        // GEMM this took M = 128 from 113-123 G weight-rows/s per core to 259-260 (Zen 4, hot; I2: 151-178).
-        thread_local std::vector<uint8_t> scratch;
-        for (int64_t m0 = 0; m0 < a.M; m0 += kB1PermMaxRows) {
-            A8Acts part{a.q + m0 * a.ldq, a.ldq, a.qsum + m0, a.xscale + m0, std::min<int64_t>(kB1PermMaxRows, a.M - m0)};
-            b1_perm_tables(w, part, scratch);
-            a8_b1_avx512(w, part, wscale, bias, out + m0 * w.N, n0, n1);
-        }
-        return;
+    if (a.lut) return table_rows(w, a, wscale, bias, out, n0, n1, kB1PermBytes * (int64_t)sizeof(BlockB1), b1_perm_tile_n);
+    // More than 16 activation rows (prefill): the tables of 16 rows at a time, each block of rows a
+    // pass over the thread's rows (from L2/L3 after the first). Against the decoded-tile maddubs GEMM
+    // this took M = 128 from 113-123 G weight-rows/s per core to 259-260 (Zen 4, hot; I2: 151-178).
+    thread_local std::vector<uint8_t> scratch;
+    for (int64_t m0 = 0; m0 < a.M; m0 += kTableMaxRows) {
+        A8Acts part{a.q + m0 * a.ldq, a.ldq, a.qsum + m0, a.xscale + m0, std::min<int64_t>(kTableMaxRows, a.M - m0)};
+        b1_perm_tables(w, part, scratch, 0, w.Kp / kB1Weights);
+        a8_b1_avx512(w, part, wscale, bias, out + m0 * w.N, n0, n1);
     }
-    auto tile = [](int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t stride, bool, int32_t* acc,
-                   int64_t acc_stride) {
-        with_rows(mb, [&](auto k) {
-            b1_perm_tile<decltype(k)::value>(tp, cb * (int64_t)sizeof(BlockB1), lut, stride, acc, acc_stride);
-        });
-    };
-    auto finish = [&](int32_t s, int64_t m, int64_t) { return a.qsum[m] - 2 * s; };  // Σ(1-2c)q
-    table_rows(w, a, wscale, bias, out, n0, n1, kB1PermBytes * (int64_t)sizeof(BlockB1), tile, finish);
 }
 
 // ============================================================================================
@@ -389,6 +390,7 @@ const KernelTable kTableAVX512 = {
     {f32_i2_avx512, f32_t1_avx2, f32_b1_avx2},
     quantize_avx2,  // AVX-512 CPUs have AVX2; the quantizer is a small part of a matmul
     {a8_i2_prep_avx512, a8_t1_prep_avx2, a8_b1_prep_avx512},
+    {nullptr, a8_t1_sums_avx2, a8_b1_sums_avx512},
 };
 
 }  // namespace bitllm

@@ -113,16 +113,27 @@ using F32Fn = void (*)(const PackedView& w, const F32Acts& a, const float* wscal
 using QuantFn = void (*)(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int64_t ldq,
                         float* scale, int32_t* sums);
 
-// Optional, run by every row thread of a gemm_a8 call before its first rows (LUT kernels build their
+// Optional, run by every thread of a gemm_a8 call before its first rows (LUT kernels build their
 // activation tables here, into `scratch`, and point a.lut at them; each thread builds its own copy,
-// because tables written by one core and read by another cost more than building them twice).
-using A8PrepFn = void (*)(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch);
+// because tables written by one core and read by another cost more than building them twice). The
+// table kernels build the tables of blocks [b0, b1) only, at their places in a scratch sized for all
+// blocks (a K part's, gemm_a8's K split); others may build everything.
+using A8PrepFn = void (*)(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1);
+
+// Optional (the table kernels of the tiled formats, a.M <= kTableMaxRows, a.lut holding the tables of
+// blocks [b0, b1)): the raw sums of rows [n0, n1) (n0 on a tile; rows past N are the zero padding)
+// over the blocks [b0, b1), written to acc[m * ldacc + n - n0] for n up to the end of n1's tile.
+// table_finish turns a row's total over all blocks into Σ w·q.
+using A8SumsFn = void (*)(const PackedView& w, const A8Acts& a, int64_t n0, int64_t n1, int64_t b0, int64_t b1,
+                          int32_t* acc, int64_t ldacc);
+constexpr int64_t kTableMaxRows = 16;  // activation rows the table kernels build tables for at once
 
 struct KernelTable {
     A8Fn a8[kNumFormats];
     F32Fn f32[kNumFormats];
     QuantFn quantize;  // the pinned activation quantizer (nullptr: the scalar one)
     A8PrepFn a8_prep[kNumFormats] = {nullptr, nullptr, nullptr};
+    A8SumsFn a8_sums[kNumFormats] = {nullptr, nullptr, nullptr};
 };
 
 // The scalar quantizer (reference); every variant's quantizer is bit-exact with it.
@@ -183,6 +194,12 @@ inline int32_t t1_sign_count(const PackedView& w, int64_t n) {
     return c;
 }
 
+// A table kernel's raw sum s of row n over all blocks (A8SumsFn) as Σ w·q: B1 tables sum the
+// activations of the -1 weights (Σ c·q), T1's are E or ~E = -E - 1 per group (kernels_avx2.cpp "T1 LUT").
+inline int32_t table_finish(const PackedView& w, int32_t s, int32_t qsum, int64_t n) {
+    return w.fmt == Format::B1 ? qsum - 2 * s : s + t1_sign_count(w, n);
+}
+
 // Row n's row_bytes bytes in row order: a pointer into the matrix for the row-major formats, or
 // `buf` (row_bytes long) gathered from the row's tile-blocks for the tiled ones.
 inline const uint8_t* row_of(const PackedView& w, int64_t n, uint8_t* buf) {
@@ -220,38 +237,48 @@ inline void with_rows(int mb, F&& f) {
 // T1 table bytes per 48-column block: sign-folded w-sums (8 index vectors x 16 int16 entries x 2 groups).
 constexpr int64_t kT1LutBlockBytes = 512;
 constexpr int64_t kT1TileBlockBytes = tile_block_bytes(Format::T1);  // 160
-constexpr int64_t kT1LutMaxRows = 16;  // activation rows served by tables (more: the decoded-tile GEMM)
 
 // The outer loop of both table kernels: rows [n0, n1) (whole tiles but the last) for the M <= 16
-// activation rows, K chunk by K chunk (the chunk's tables stay in L1), every tile of the rows (one
-// sequential stream per chunk), activation rows in groups of <= 4 per pass over a tile.
-// tile(mb, tile_data, blocks, lut, lut_stride, prefetch, acc, acc_stride) adds the tile's TR =
-// tile_rows row sums for mb activation rows (tables of lut_block bytes per block); out =
-// a8_epilogue(finish(sum, m, n)).
-template <class TileFn, class FinishFn>
-void table_rows(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
-                int64_t n0, int64_t n1, int64_t lut_block, TileFn tile, FinishFn finish) {
+// activation rows, over the blocks [b0, b1), K chunk by K chunk (the chunk's tables stay in L1),
+// every tile of the rows (one sequential stream per chunk), activation rows in groups of <= 4 per
+// pass over a tile. tile(mb, tile_data, blocks, lut, lut_stride, prefetch, acc, acc_stride) adds the
+// tile's TR = tile_rows row sums of that many blocks for mb activation rows (tables of lut_block
+// bytes per block). Writes the sums to acc[m * ldacc + n - n0] (an A8SumsFn's contract).
+template <class TileFn>
+void table_sums(const PackedView& w, const A8Acts& a, int64_t n0, int64_t n1, int64_t b0, int64_t b1,
+                int64_t lut_block, TileFn tile, int32_t* acc, int64_t ldacc) {
     const int64_t TR = tile_rows(w.fmt);
     const int64_t nb = w.Kp / tiled_block_weights(w.fmt), tiles = stored_rows(w.fmt, w.N) / TR;
     const int64_t C = chunk_blocks(w.fmt), tb = tile_block_bytes(w.fmt);
     const int64_t t0 = n0 / TR, t1 = (n1 + TR - 1) / TR, rows = (t1 - t0) * TR;
     const int64_t lut_stride = nb * lut_block;
     const int64_t groups = (a.M + 3) / 4, base = a.M / groups, extra = a.M % groups;
-    std::vector<int32_t> acc((size_t)(a.M * rows), 0);  // (M, rows)
-    for (int64_t c0 = 0; c0 < nb; c0 += C) {
-        const int64_t cb = std::min<int64_t>(C, nb - c0);
-        const uint8_t* chunk = w.data + (c0 * tiles + t0 * cb) * tb;  // this chunk of tile t0
+    for (int64_t m = 0; m < a.M; ++m) std::memset(acc + m * ldacc, 0, sizeof(int32_t) * (size_t)rows);
+    for (int64_t c0 = b0 / C * C; c0 < b1; c0 += C) {
+        const int64_t cb = std::min<int64_t>(C, nb - c0);  // the chunk's blocks
+        const int64_t lo = std::max(b0, c0), hi = std::min(b1, c0 + cb);  // those of [b0, b1)
+        const uint8_t* chunk = w.data + (c0 * tiles + t0 * cb + lo - c0) * tb;  // block lo of tile t0
         for (int64_t t = t0; t < t1; ++t)
             for (int64_t g = 0, m0 = 0; g < groups; ++g) {
                 const int mb = (int)(base + (g < extra));
-                tile(mb, chunk + (t - t0) * cb * tb, cb, a.lut + m0 * lut_stride + c0 * lut_block, lut_stride, g == 0,
-                     &acc[m0 * rows + (t - t0) * TR], rows);
+                tile(mb, chunk + (t - t0) * cb * tb, hi - lo, a.lut + m0 * lut_stride + lo * lut_block, lut_stride, g == 0,
+                     acc + m0 * ldacc + (t - t0) * TR, ldacc);
                 m0 += mb;
             }
     }
+}
+
+// Rows [n0, n1) of out from the tables over all blocks: table_sums, then table_finish and the epilogue.
+template <class TileFn>
+void table_rows(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+                int64_t n0, int64_t n1, int64_t lut_block, TileFn tile) {
+    const int64_t TR = tile_rows(w.fmt), t0 = n0 / TR, rows = ((n1 + TR - 1) / TR - t0) * TR;
+    std::vector<int32_t> acc((size_t)(a.M * rows));  // (M, rows)
+    table_sums(w, a, n0, n1, 0, w.Kp / tiled_block_weights(w.fmt), lut_block, tile, acc.data(), rows);
     for (int64_t m = 0; m < a.M; ++m)
         for (int64_t n = n0; n < n1; ++n)
-            out[m * w.N + n] = a8_epilogue(finish(acc[m * rows + n - t0 * TR], m, n), a.xscale[m], wscale[n], bias, n);
+            out[m * w.N + n] = a8_epilogue(table_finish(w, acc[m * rows + n - t0 * TR], a.qsum[m], n), a.xscale[m],
+                                           wscale[n], bias, n);
 }
 
 // The pattern value v of a 5-bit T1 code (nibble i | sign bit << 4): 13 + i, or 13 - i with the sign
@@ -287,12 +314,14 @@ inline int t1_code(const uint8_t* blk, int g) {
 
 #if defined(__x86_64__) || defined(_M_X64)
 // T1 and B1 through pshufb tables (kernels_avx2.cpp): the AVX-512 table uses them too.
-void a8_t1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch);
+void a8_t1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1);
+void a8_t1_sums_avx2(const PackedView& w, const A8Acts& a, int64_t n0, int64_t n1, int64_t b0, int64_t b1, int32_t* acc,
+                     int64_t ldacc);
 void a8_t1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
                 int64_t n0, int64_t n1);
 void f32_t1_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,
                  int64_t n0, int64_t n1);
-void a8_b1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch);
+void a8_b1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1);
 void a8_b1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
                 int64_t n0, int64_t n1);
 void f32_b1_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,

@@ -42,6 +42,7 @@ SHAPES = [
     (7, 13, 700),
     (16, 40, 2100),
     (4, 200, 1100),  # b1: three whole 64-row tiles and a partial one, two K chunks
+    (1, 33, 4000),  # a GEMV with K >= 2N: the table kernels split K between the threads
     (17, 9, 1100),
     (130, 23, 515),
 ]

@@ -153,9 +153,10 @@ int main() {
         test_shape(f, 18, 3, 16383, true);  // code-tile GEMM (> 16 rows)
     }
     // The thread pool: 1, 2 and 3 threads give identical outputs; the bandwidth probe runs.
-    for (int fi = 0; fi < kNumFormats; ++fi) {
-        const Format f = Format(fi);
-        const int64_t M = 3, N = 301, K = 700;
+    // (N = 40, K = 4000: the table kernels' GEMV splits K between the threads, gemm_a8's K parts.)
+    for (int fi = 0; fi < 2 * kNumFormats; ++fi) {
+        const Format f = Format(fi % kNumFormats);
+        const int64_t M = 3, N = fi < kNumFormats ? 301 : 40, K = fi < kNumFormats ? 700 : 4000;
         const auto w = random_weights(f, N, K);
         std::vector<uint8_t> p((size_t)packed_bytes(f, N, K));
         pack(f, w.data(), N, K, p.data());
