@@ -83,6 +83,8 @@ inline void transpose16x16(const __m128i* x, __m128i* y) {
         }
 }
 
+}  // namespace
+
 // The codes of the 16 rows of a T1 tile (tile t; rows past N are zero bytes, which decode as code 1),
 // Kp per row, ldc apart: each tile-block (byte j of row r at 16j + r) is decoded for all 16 rows at
 // once — a group's digits are pshufb lookups of its nibble in the digit tables of v = 13 + i, and a set
@@ -116,6 +118,8 @@ void t1_tile_codes(const PackedView& w, int64_t t, uint8_t* codes, int64_t ldc) 
         }
     }
 }
+
+namespace {
 
 void decode_codes(Format f, const uint8_t* row, int64_t Kp, uint8_t* codes) {
     const __m256i m3 = _mm256_set1_epi8(3), two = _mm256_set1_epi8(2);

@@ -68,22 +68,33 @@ inline __m256i i2_plane256(__m256i v, int i) {
 // I2 activations in block-pair order, built once per call and row thread (a8_i2_prep_avx512): for each pair p of
 // 128-column blocks, plane i's 64 bytes are q[256p + 32i, +32) then q[256p + 128 + 32i, +32), the
 // two halves a zmm of codes pairs with, so that one load serves a plane of both blocks (before: a
-// load and a vinserti64x4). An odd last block keeps its 128 bytes in column order.
-void a8_i2_prep_avx512(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t, int64_t) {
-    const int64_t Kp = w.Kp, pairs = Kp / 256;
-    scratch.resize((size_t)(a.M * Kp + 64));
+// load and a vinserti64x4). An odd last block keeps its 128 bytes in column order. Rows of Kp2
+// columns (a multiple of 128) from rows of Kp <= Kp2 (the rest zero), ldq apart.
+const int8_t* i2_pair_order(const int8_t* q, int64_t ldq, int64_t M, int64_t Kp, int64_t Kp2, std::vector<uint8_t>& scratch) {
+    const int64_t pairs = Kp2 / 256;
+    scratch.resize((size_t)(M * Kp2 + Kp2 + 64));
     int8_t* dst = reinterpret_cast<int8_t*>(scratch.data() + ((64 - (reinterpret_cast<uintptr_t>(scratch.data()) & 63)) & 63));
-    for (int64_t m = 0; m < a.M; ++m) {
-        const int8_t* src = a.q + m * a.ldq;
-        int8_t* d = dst + m * Kp;
+    int8_t* row = dst + M * Kp2;  // one zero-padded source row
+    for (int64_t m = 0; m < M; ++m) {
+        const int8_t* src = q + m * ldq;
+        if (Kp < Kp2) {
+            std::memcpy(row, src, (size_t)Kp);
+            std::memset(row + Kp, 0, (size_t)(Kp2 - Kp));
+            src = row;
+        }
+        int8_t* d = dst + m * Kp2;
         for (int64_t p = 0; p < pairs; ++p)
             for (int i = 0; i < 4; ++i) {
                 std::memcpy(d + 256 * p + 64 * i, src + 256 * p + 32 * i, 32);
                 std::memcpy(d + 256 * p + 64 * i + 32, src + 256 * p + 128 + 32 * i, 32);
             }
-        std::memcpy(d + 256 * pairs, src + 256 * pairs, (size_t)(Kp - 256 * pairs));
+        std::memcpy(d + 256 * pairs, src + 256 * pairs, (size_t)(Kp2 - 256 * pairs));
     }
-    a.lut = reinterpret_cast<const uint8_t*>(dst);
+    return dst;
+}
+
+void a8_i2_prep_avx512(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t, int64_t) {
+    a.lut = reinterpret_cast<const uint8_t*>(i2_pair_order(a.q, a.ldq, a.M, w.Kp, w.Kp, scratch));
 }
 
 // An opaque copy of v: gcc otherwise folds a loaded vector into every instruction that uses it, one
@@ -212,10 +223,11 @@ void a8_epilogue_row(const int32_t* acc, int64_t count, int32_t qsum, float xsca
 
 // Rows [n0, n1). M = 1: 3 rows at a time, then singles. M > 1: 4 rows at a time, their blocks
 // decoded once per group of <= 4 activation rows (the rows stay in L1 between groups, the groups'
-// activations in L1/L2). The sums go to an (M, rows) buffer; the epilogue runs at the end.
-void a8_i2_avx512(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
-                  int64_t n0, int64_t n1) {
-    const int8_t* q = reinterpret_cast<const int8_t*>(a.lut);  // block-pair order (a8_i2_prep_avx512)
+// activations in L1/L2). The sums go to an (M, rows) buffer; the epilogue runs at the end, into
+// out[m * ldo + n] (wscale, bias and out already offset to the view's row 0). q: the activations
+// in block-pair order, w.Kp apart (i2_pair_order).
+void i2_rows_out(const PackedView& w, const A8Acts& a, const int8_t* q, const float* wscale, const float* bias,
+                 float* out, int64_t ldo, int64_t n0, int64_t n1) {
     const int64_t ldq = w.Kp, rows = n1 - n0;
     std::vector<int32_t> sums((size_t)(a.M * rows));  // (M, rows)
     if (a.M == 1) {
@@ -243,7 +255,43 @@ void a8_i2_avx512(const PackedView& w, const A8Acts& a, const float* wscale, con
     }
     for (int64_t m = 0; m < a.M; ++m)
         a8_epilogue_row(&sums[m * rows], rows, a.qsum[m], a.xscale[m], wscale + n0, bias ? bias + n0 : nullptr,
-                        out + m * w.N + n0);
+                        out + m * ldo + n0);
+}
+
+void a8_i2_avx512(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+                  int64_t n0, int64_t n1) {
+    i2_rows_out(w, a, reinterpret_cast<const int8_t*>(a.lut), wscale, bias, out, w.N, n0, n1);
+}
+
+// ---- T1 ----
+// M <= 16: the AVX2 pshufb table kernel. M > 16 (prefill): each 16-row tile is decoded to codes
+// (t1_tile_codes), packed as I2 rows and run through the VNNI GEMM above (before: the AVX2 maddubs
+// micro-kernel, 1.4-1.8x I2's time at M = 128).
+void a8_t1_prep_avx512(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1) {
+    if (a.M <= kTableMaxRows) return a8_t1_prep_avx2(w, a, scratch, b0, b1);
+    const int64_t Kp2 = (w.Kp + kI2Weights - 1) / kI2Weights * kI2Weights;
+    a.lut = reinterpret_cast<const uint8_t*>(i2_pair_order(a.q, a.ldq, a.M, w.Kp, Kp2, scratch));
+}
+
+void a8_t1_avx512(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+                  int64_t n0, int64_t n1) {
+    if (a.M <= kTableMaxRows) return a8_t1_avx2(w, a, wscale, bias, out, n0, n1);
+    const int64_t Kp2 = (w.Kp + kI2Weights - 1) / kI2Weights * kI2Weights;
+    std::vector<uint8_t> codes((size_t)(kT1TileRows * Kp2), 1), rows((size_t)(kT1TileRows * Kp2 / 4));
+    const PackedView v{Format::I2, rows.data(), kT1TileRows, Kp2, Kp2, Kp2 / 4};
+    for (int64_t n = n0; n < n1; n += kT1TileRows) {  // n0 is on a tile (the row threads split at whole tiles)
+        t1_tile_codes(w, n / kT1TileRows, codes.data(), Kp2);  // Kp codes per row; [Kp, Kp2) stay 1 (w = 0)
+        for (int64_t r = 0; r < kT1TileRows; ++r)
+            for (int64_t b = 0; b < Kp2 / kI2Weights; ++b) {  // I2 byte j: codes j, 32 + j, 64 + j, 96 + j
+                const uint8_t* c = &codes[(size_t)(r * Kp2 + kI2Weights * b)];
+                const __m256i x = _mm256_or_si256(_mm256_or_si256(load256(c), _mm256_slli_epi16(load256(c + 32), 2)),
+                                                  _mm256_or_si256(_mm256_slli_epi16(load256(c + 64), 4),
+                                                                  _mm256_slli_epi16(load256(c + 96), 6)));
+                _mm256_storeu_si256((__m256i*)&rows[(size_t)(r * Kp2 / 4 + 32 * b)], x);
+            }
+        i2_rows_out(v, a, reinterpret_cast<const int8_t*>(a.lut), wscale + n, bias ? bias + n : nullptr, out + n, w.N, 0,
+                    std::min<int64_t>(kT1TileRows, n1 - n));
+    }
 }
 
 // One I2 row's codes (w + 1), Kp bytes.
@@ -386,10 +434,10 @@ void f32_i2_avx512(const PackedView& w, const F32Acts& a, const float* wscale, c
 // kernel and removed (session 9): the same speed at M = 1 (~98 G weight-rows/s per core, hot), its
 // 1 KB-per-block tables 2 µs slower to build at K = 4096, and 78 against 116 at M = 16.
 const KernelTable kTableAVX512 = {
-    {a8_i2_avx512, a8_t1_avx2, a8_b1_avx512},
+    {a8_i2_avx512, a8_t1_avx512, a8_b1_avx512},
     {f32_i2_avx512, f32_t1_avx2, f32_b1_avx2},
     quantize_avx2,  // AVX-512 CPUs have AVX2; the quantizer is a small part of a matmul
-    {a8_i2_prep_avx512, a8_t1_prep_avx2, a8_b1_prep_avx512},
+    {a8_i2_prep_avx512, a8_t1_prep_avx512, a8_b1_prep_avx512},
     {nullptr, a8_t1_sums_avx2, a8_b1_sums_avx512},
 };
 

@@ -315,6 +315,8 @@ inline int t1_code(const uint8_t* blk, int g) {
 #if defined(__x86_64__) || defined(_M_X64)
 // T1 and B1 through pshufb tables (kernels_avx2.cpp): the AVX-512 table uses them too.
 void a8_t1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1);
+// The codes (w + 1) of the 16 rows of T1 tile t, Kp per row, ldc apart.
+void t1_tile_codes(const PackedView& w, int64_t t, uint8_t* codes, int64_t ldc);
 void a8_t1_sums_avx2(const PackedView& w, const A8Acts& a, int64_t n0, int64_t n1, int64_t b0, int64_t b1, int32_t* acc,
                      int64_t ldacc);
 void a8_t1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
