@@ -178,7 +178,6 @@ inline void gemv_rows(const PackedView& w, const int8_t* q, int64_t ldq, int64_t
     // the group (4 KB against 4 rows of 2.2 KB at K = 8640) would leave half of every group to the
     // hardware prefetcher: 3200x8640 ran at 66-71 % of the roofline, the 1 KB-row shapes at 90 %.
     const char* pf = (const char*)(w.data + n * w.row_bytes) + std::max<int64_t>(kPrefetchBytes, R * w.row_bytes);
-    const int64_t pf_end = R * w.row_bytes;
     for (int64_t b0 = 0; b0 < nb; b0 += kGroup) {
         const int64_t b1 = std::min<int64_t>(nb, b0 + kGroup);
         __m256i s16[R][MB], t16[R][MB];
@@ -187,8 +186,9 @@ inline void gemv_rows(const PackedView& w, const int8_t* q, int64_t ldq, int64_t
         for (int64_t b = b0; b < b1; ++b) {
             // Software prefetch of the rows after this tile: rows are short (K/4 bytes for I2), so
             // a tile is a few KB and the hardware prefetcher alone ramps up too late.
-            for (int64_t o = 64 * b * R / 2; o < std::min<int64_t>(pf_end, 64 * (b + 1) * R / 2); o += 64)
-                _mm_prefetch(pf + o, _MM_HINT_T0);
+            // (A fixed count per block: the loop bounded by the group's end it replaced cost 5-8 % in
+            // scalar work, in cache, on a Zen 4.)
+            for (int k = 0; k < (R + 1) / 2; ++k) _mm_prefetch(pf + 32 * R * b + 64 * k, _MM_HINT_T0);
             for (int r = 0; r < R; ++r) {
                 const __m256i v = load(rows[r] + 32 * b);
                 for (int m = 0; m < MB; ++m)
