@@ -139,11 +139,11 @@ __attribute__((noinline)) void i2_gemv_rows(const PackedView& w, const int8_t* q
     // at the pace the tile is consumed; a shorter distance leaves part of each long-row tile
     // unprefetched — see kernels_avx2.cpp).
     const char* pf = (const char*)(w.data + n * w.row_bytes) + std::max<int64_t>(4096, R * w.row_bytes);
+    const int64_t pf_end = R * w.row_bytes;
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
-        // R lines per iteration, the pace the R rows are read at (a loop bounded by the tile's end
-        // here cost 6-10 % of the in-cache speed in scalar work, Zen 4)
-        for (int k = 0; k < R; ++k) _mm_prefetch(pf + 64 * (R * b / 2 + k), _MM_HINT_T0);
+        for (int64_t o = 64 * b * R / 2; o < std::min<int64_t>(pf_end, 64 * (b + 2) * R / 2); o += 64)
+            _mm_prefetch(pf + o, _MM_HINT_T0);
         __m512i qa[4];
         for (int i = 0; i < 4; ++i) qa[i] = in_register(load512(q + kI2Weights * b + 64 * i));
         for (int r = 0; r < R; ++r) plane_step(acc[r], in_register(load512(rows[r] + 32 * b)), qa);
@@ -173,12 +173,13 @@ __attribute__((noinline)) void i2_rows(const PackedView& w, const int8_t* q, int
         for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_si512();
     }
     const char* pf = (const char*)(w.data + n * w.row_bytes) + std::max<int64_t>(4096, R * w.row_bytes);
+    const int64_t pf_end = prefetch ? R * w.row_bytes : 0;
     const __m512i three = _mm512_set1_epi8(3);
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
         const int8_t* qb = q + kI2Weights * b;
-        if (prefetch)  // R lines per iteration (as in i2_gemv_rows)
-            for (int k = 0; k < R; ++k) _mm_prefetch(pf + 64 * (R * b / 2 + k), _MM_HINT_T0);
+        for (int64_t o = 64 * b * R / 2; o < std::min<int64_t>(pf_end, 64 * (b + 2) * R / 2); o += 64)
+            _mm_prefetch(pf + o, _MM_HINT_T0);
         __m512i v[R];
         for (int r = 0; r < R; ++r) v[r] = in_register(load512(rows[r] + 32 * b));
         for (int i = 0; i < 4; ++i) {
