@@ -320,10 +320,14 @@ void parallel_for(int64_t n, int64_t grain, void (*fn)(void* ctx, int64_t begin,
     parallel_chunks_tid(nt, chunks, body);
 }
 
-// fn(n0, n1, tid) for rows [0, N) in contiguous chunks aligned to `align` rows (a tiled format's tile), 2 per thread, claimed dynamically (a thread
-// the OS parks finds the rest taken). Each chunk starts a new DRAM stream whose first KBs miss the
-// prefetchers: 2 per thread measured best for the 700M GEMV shapes at 2 threads (1, 2, 4, 8, 16 per
-// thread: 1536x1536 at 80/78/77/67/59 % of the roofline, 4096x1536 at 83/89/87/83/77 %).
+// fn(n0, n1, tid) for rows [0, N) in contiguous chunks aligned to `align` rows (a tiled format's
+// tile), claimed dynamically (a thread the OS parks finds the rest taken; at worst the caller runs
+// them all, the 1-thread time). Each chunk starts a new DRAM stream whose first KBs miss the
+// prefetchers. At 2 threads, 1 chunk per thread: on a Zen 4 (session 10, interleaved A/B, 2 threads,
+// DRAM) 1 against 2 per thread took I2 1536x1536 20.8 -> 18.6 µs, 1536x4096 35.4 -> 32.2, 8640x3200
+// 119.6 -> 115.9; T1 4-10 % and B1 6-15 % less; engine decode +2-3 %. On a Zen 3 earlier, 1, 2,
+// 4, 8, 16 per thread gave 1536x1536 80/78/77/67/59 % of the roofline and 4096x1536 83/89/87/83/77 %.
+// More threads keep 2 per thread, for balance.
 template <class Fn>
 static void parallel_rows(int64_t N, int64_t work_per_row, int64_t align, Fn fn) {
     int nt = g_threads.load(std::memory_order_relaxed);
@@ -333,7 +337,8 @@ static void parallel_rows(int64_t N, int64_t work_per_row, int64_t align, Fn fn)
         fn(0, N, 0);
         return;
     }
-    const int64_t chunk = ((N + 2 * nt - 1) / (2 * nt) + align - 1) / align * align;
+    const int per = nt <= 2 ? 1 : 2;  // chunks per thread (see above)
+    const int64_t chunk = ((N + per * nt - 1) / (per * nt) + align - 1) / align * align;
     const int64_t chunks = (N + chunk - 1) / chunk;
     auto body = [&](int64_t c, int tid) { fn(c * chunk, std::min(N, (c + 1) * chunk), tid); };
     parallel_chunks_tid(nt, chunks, body);
