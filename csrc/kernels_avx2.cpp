@@ -426,8 +426,7 @@ void f32_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const 
 // 16-byte pshufb tables, its low bytes (u8) and high bytes (s8), and unpacklo/hi_epi8 of the two
 // lookups rebuild the int16 values exactly (rows 0-7 | 16-23 and 8-15 | 24-31). Per 256
 // weight-rows: 3 ops for the nibbles, 4 pshufb, 4 unpacks, 4 adds — against 27 decode+maddubs ops
-// for the bit planes. Tables: b1_tables_avx2 (kernels_internal.h), 64 bytes per row byte.
-constexpr int64_t kB1LutBytes = 64;  // table bytes per row byte (8 columns)
+// for the bit planes. Tables: b1_build_tables (kernels_internal.h), kB1TableBytes per row byte.
 constexpr int64_t kB1BlockBytes = (int64_t)sizeof(BlockB1);  // row bytes per block
 constexpr int kB1LutGroup = 31;       // int16 lanes gain 2 lookups of |T| <= 512 per row byte: 62·512 < 2^15
 
@@ -451,8 +450,8 @@ inline void b1_sums(__m256i qb, __m256i ctl_ab, __m256i ctl_cd, __m256i& t0, __m
     t1 = _mm256_add_epi16(t0, _mm256_maddubs_epi16(e3, cd));
 }
 
-}  // namespace
-
+// The tables of b1_build_tables for `positions` row bytes (even) of one activation row q (plus 16
+// readable bytes) into dst.
 void b1_tables_avx2(const int8_t* q, int64_t positions, uint8_t* dst, bool int16) {
     // pshufb controls picking the (a, b) and (c, d) bytes of groups 0 | 2 and 1 | 3 of 16 activations
     const __m256i ab02 = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
@@ -466,7 +465,7 @@ void b1_tables_avx2(const int8_t* q, int64_t positions, uint8_t* dst, bool int16
         __m256i x[2], y[2];  // x: groups 0 | 2 (the low nibbles), y: groups 1 | 3 (the high nibbles)
         b1_sums(qb, ab02, cd02, x[0], x[1]);
         b1_sums(qb, ab13, cd13, y[0], y[1]);
-        __m256i* d = reinterpret_cast<__m256i*>(dst + 2 * kB1LutBytes * pp);
+        __m256i* d = reinterpret_cast<__m256i*>(dst + 2 * kB1TableBytes * pp);
         if (int16) {  // group g: [entries 0-7 | 8-15] = lane (g & 2) / 2 of t0 and of t1
             _mm256_storeu_si256(d, _mm256_permute2x128_si256(x[0], x[1], 0x20));
             _mm256_storeu_si256(d + 1, _mm256_permute2x128_si256(y[0], y[1], 0x20));
@@ -483,6 +482,18 @@ void b1_tables_avx2(const int8_t* q, int64_t positions, uint8_t* dst, bool int16
             _mm256_storeu_si256(d + 3, _mm256_permute2x128_si256(yl, yh, 0x31));
         }
     }
+}
+
+}  // namespace
+
+void b1_build_tables(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1, bool int16) {
+    const int64_t bytes = w.row_bytes;
+    scratch.resize((size_t)(a.M * bytes * kB1TableBytes + 64));
+    uint8_t* lut = scratch.data() + ((64 - (reinterpret_cast<uintptr_t>(scratch.data()) & 63)) & 63);
+    for (int64_t m = 0; m < a.M; ++m)
+        b1_tables_avx2(a.q + m * a.ldq + kB1Weights * b0, (b1 - b0) * kB1BlockBytes,
+                       lut + (m * bytes + kB1BlockBytes * b0) * kB1TableBytes, int16);
+    a.lut = lut;
 }
 
 namespace {
@@ -507,7 +518,7 @@ inline void b1_lut_tile(const uint8_t* t, int64_t bytes, const uint8_t* lut, int
                 const __m256i v = load(t + kB1TileRows * p + 32 * h);
                 const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
                 for (int m = 0; m < MB; ++m) {
-                    const uint8_t* tb = lut + m * lut_stride + kB1LutBytes * p;
+                    const uint8_t* tb = lut + m * lut_stride + kB1TableBytes * p;
                     __m256i l = _mm256_shuffle_epi8(bcast128(tb), lo), g = _mm256_shuffle_epi8(bcast128(tb + 16), lo);
                     a0[m] = _mm256_add_epi16(a0[m], _mm256_unpacklo_epi8(l, g));
                     a1[m] = _mm256_add_epi16(a1[m], _mm256_unpackhi_epi8(l, g));
@@ -746,17 +757,6 @@ void f32_t1_avx2(const PackedView& w, const F32Acts& a, const float* wscale, con
 // ---- B1 entry points (also in the AVX-512 table) ----
 
 namespace {
-// Tables of blocks [b0, b1) of a.M <= kTableMaxRows activation rows into scratch; a.lut points at them.
-void b1_lut_tables(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1) {
-    const int64_t bytes = w.row_bytes;
-    scratch.resize((size_t)(a.M * bytes * kB1LutBytes + 32));
-    uint8_t* lut = scratch.data() + ((32 - (reinterpret_cast<uintptr_t>(scratch.data()) & 31)) & 31);
-    for (int64_t m = 0; m < a.M; ++m)
-        b1_tables_avx2(a.q + m * a.ldq + kB1Weights * b0, (b1 - b0) * kB1BlockBytes,
-                       lut + (m * bytes + kB1BlockBytes * b0) * kB1LutBytes, false);
-    a.lut = lut;
-}
-
 void b1_tile(int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t stride, bool, int32_t* acc,
              int64_t acc_stride) {
     with_rows(mb, [&](auto k) { b1_lut_tile<decltype(k)::value>(tp, cb * kB1BlockBytes, lut, stride, acc, acc_stride); });
@@ -764,26 +764,20 @@ void b1_tile(int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, int64_t 
 }  // namespace
 
 void a8_b1_prep_avx2(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1) {
-    if (a.M <= kTableMaxRows) b1_lut_tables(w, a, scratch, b0, b1);  // more rows: a8_b1_avx2 builds them 16 at a time
+    if (a.M <= kTableMaxRows) b1_build_tables(w, a, scratch, b0, b1, false);  // more rows: table_row_blocks
 }
 
 void a8_b1_sums_avx2(const PackedView& w, const A8Acts& a, int64_t n0, int64_t n1, int64_t b0, int64_t b1, int32_t* acc,
                      int64_t ldacc) {
-    table_sums(w, a, n0, n1, b0, b1, kB1LutBytes * kB1BlockBytes, b1_tile, acc, ldacc);
+    table_sums(w, a, n0, n1, b0, b1, kB1TableBytes * kB1BlockBytes, b1_tile, acc, ldacc);
 }
 
 void a8_b1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
                 int64_t n0, int64_t n1) {
-    if (a.lut) return table_rows(w, a, wscale, bias, out, n0, n1, kB1LutBytes * kB1BlockBytes, b1_tile);
-    // More than 16 activation rows (prefill): the tables of 16 rows at a time, each block of rows a
-    // pass over the thread's rows (from L2/L3 after the first). Against the decoded-tile maddubs GEMM
-    // this took M = 128 from 113-123 G weight-rows/s per core to ~200 (Zen 4, hot).
-    thread_local std::vector<uint8_t> scratch;
-    for (int64_t m0 = 0; m0 < a.M; m0 += kTableMaxRows) {
-        A8Acts part{a.q + m0 * a.ldq, a.ldq, a.qsum + m0, a.xscale + m0, std::min<int64_t>(kTableMaxRows, a.M - m0)};
-        b1_lut_tables(w, part, scratch, 0, w.Kp / kB1Weights);
-        a8_b1_avx2(w, part, wscale, bias, out + m0 * w.N, n0, n1);
-    }
+    if (a.lut) return table_rows(w, a, wscale, bias, out, n0, n1, kB1TableBytes * kB1BlockBytes, b1_tile);
+    // More than 16 activation rows (prefill): against the decoded-tile maddubs GEMM this took M = 128
+    // from 113-123 G weight-rows/s per core to ~200 (Zen 4, hot).
+    table_row_blocks(w, a, wscale, bias, out, n0, n1, a8_b1_prep_avx2, a8_b1_avx2);
 }
 
 void f32_b1_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,

@@ -309,23 +309,12 @@ void decode_i2_codes(const uint8_t* row, int64_t Kp, uint8_t* codes) {
 // words, word i holds that byte of rows 2i (low) and 2i + 1 (high), whose 4 nibbles are the "is -1"
 // flags of the column groups 2p (low nibble) and 2p + 1 (high nibble) of the two rows. vpermw looks
 // up 32 int16 entries by the low 5 bits of each word: with a group's 16 sums T[e] = Σ c·q (the same
-// tables as the AVX2 kernel's, b1_tables_avx2, kept as int16) repeated in both halves of the 32,
+// tables as the AVX2 kernel's, b1_build_tables, kept as int16) repeated in both halves of the 32,
 // w, w >> 4, w >> 8 and w >> 12 index them directly, whatever the bits above the nibble hold. Per
 // 512 weight-rows: 3 shifts, 4 vpermw, 4 adds (11 zmm ops, against 30 ymm ops for pshufb tables).
-constexpr int64_t kB1PermBytes = 64;   // table bytes per row byte: T_2p then T_2p+1, 16 int16 each
 constexpr int kB1PermGroup = 31;       // int16 lanes gain 2 lookups of |T| <= 512 per row byte: 62·512 < 2^15
-// Tables of blocks [b0, b1) of a.M <= kTableMaxRows activation rows into scratch; a.lut points at them.
-void b1_perm_tables(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1) {
-    const int64_t bytes = w.row_bytes, bb = (int64_t)sizeof(BlockB1);
-    scratch.resize((size_t)(a.M * bytes * kB1PermBytes + 64));
-    uint8_t* lut = scratch.data() + ((64 - (reinterpret_cast<uintptr_t>(scratch.data()) & 63)) & 63);
-    for (int64_t m = 0; m < a.M; ++m)
-        b1_tables_avx2(a.q + m * a.ldq + kB1Weights * b0, (b1 - b0) * bb, lut + (m * bytes + bb * b0) * kB1PermBytes, true);
-    a.lut = lut;
-}
-
 void a8_b1_prep_avx512(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1) {
-    if (a.M <= kTableMaxRows) b1_perm_tables(w, a, scratch, b0, b1);  // more rows: a8_b1_avx512 builds them 16 at a time
+    if (a.M <= kTableMaxRows) b1_build_tables(w, a, scratch, b0, b1, true);  // more rows: table_row_blocks
 }
 
 // One tile-chunk (64 rows, `bytes` row bytes) against MB activation rows (tables lut_stride bytes
@@ -346,7 +335,7 @@ inline void b1_perm_tile(const uint8_t* t, int64_t bytes, const uint8_t* lut, in
             const __m512i v = load512(t + kB1TileRows * p);
             const __m512i v4 = _mm512_srli_epi16(v, 4), v8 = _mm512_srli_epi16(v, 8), v12 = _mm512_srli_epi16(v, 12);
             for (int m = 0; m < MB; ++m) {
-                const uint8_t* tb = lut + m * lut_stride + kB1PermBytes * p;
+                const uint8_t* tb = lut + m * lut_stride + kB1TableBytes * p;
                 const __m512i tl = _mm512_broadcast_i64x4(load256(tb)), th = _mm512_broadcast_i64x4(load256(tb + 32));
                 ev[m] = _mm512_add_epi16(ev[m], _mm512_add_epi16(_mm512_permutexvar_epi16(v, tl),
                                                                  _mm512_permutexvar_epi16(v4, th)));
@@ -376,21 +365,15 @@ void b1_perm_tile_n(int mb, const uint8_t* tp, int64_t cb, const uint8_t* lut, i
 
 void a8_b1_sums_avx512(const PackedView& w, const A8Acts& a, int64_t n0, int64_t n1, int64_t b0, int64_t b1,
                        int32_t* acc, int64_t ldacc) {
-    table_sums(w, a, n0, n1, b0, b1, kB1PermBytes * (int64_t)sizeof(BlockB1), b1_perm_tile_n, acc, ldacc);
+    table_sums(w, a, n0, n1, b0, b1, kB1TableBytes * (int64_t)sizeof(BlockB1), b1_perm_tile_n, acc, ldacc);
 }
 
 void a8_b1_avx512(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
                   int64_t n0, int64_t n1) {
-    if (a.lut) return table_rows(w, a, wscale, bias, out, n0, n1, kB1PermBytes * (int64_t)sizeof(BlockB1), b1_perm_tile_n);
-    // More than 16 activation rows (prefill): the tables of 16 rows at a time, each block of rows a
-    // pass over the thread's rows (from L2/L3 after the first). Against the decoded-tile maddubs GEMM
-    // this took M = 128 from 113-123 G weight-rows/s per core to 259-260 (Zen 4, hot; I2: 151-178).
-    thread_local std::vector<uint8_t> scratch;
-    for (int64_t m0 = 0; m0 < a.M; m0 += kTableMaxRows) {
-        A8Acts part{a.q + m0 * a.ldq, a.ldq, a.qsum + m0, a.xscale + m0, std::min<int64_t>(kTableMaxRows, a.M - m0)};
-        b1_perm_tables(w, part, scratch, 0, w.Kp / kB1Weights);
-        a8_b1_avx512(w, part, wscale, bias, out + m0 * w.N, n0, n1);
-    }
+    if (a.lut) return table_rows(w, a, wscale, bias, out, n0, n1, kB1TableBytes * (int64_t)sizeof(BlockB1), b1_perm_tile_n);
+    // More than 16 activation rows (prefill): against the decoded-tile maddubs GEMM this took M = 128
+    // from 113-123 G weight-rows/s per core to 259-260 (Zen 4, hot; I2: 151-178).
+    table_row_blocks(w, a, wscale, bias, out, n0, n1, a8_b1_prep_avx512, a8_b1_avx512);
 }
 
 // ============================================================================================

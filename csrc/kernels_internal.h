@@ -281,6 +281,19 @@ void table_rows(const PackedView& w, const A8Acts& a, const float* wscale, const
                                            wscale[n], bias, n);
 }
 
+// A table kernel's rows [n0, n1) for more than kTableMaxRows activation rows (prefill): prep builds
+// the tables of kTableMaxRows rows at a time (all blocks, into a per-thread scratch) and fn runs each
+// block of rows, a pass over the rows (from L2/L3 after the first).
+inline void table_row_blocks(const PackedView& w, const A8Acts& a, const float* wscale, const float* bias, float* out,
+                             int64_t n0, int64_t n1, A8PrepFn prep, A8Fn fn) {
+    thread_local std::vector<uint8_t> scratch;
+    for (int64_t m0 = 0; m0 < a.M; m0 += kTableMaxRows) {
+        A8Acts part{a.q + m0 * a.ldq, a.ldq, a.qsum + m0, a.xscale + m0, std::min<int64_t>(kTableMaxRows, a.M - m0)};
+        prep(w, part, scratch, 0, w.Kp / tiled_block_weights(w.fmt));
+        fn(w, part, wscale, bias, out + m0 * w.N, n0, n1);
+    }
+}
+
 // The pattern value v of a 5-bit T1 code (nibble i | sign bit << 4): 13 + i, or 13 - i with the sign
 // bit. Nibbles 14 and 15 are never written (a packer writes i <= 13); they read as v = 13 (w = 0).
 constexpr int t1_value(int code) {
@@ -328,12 +341,13 @@ void a8_b1_avx2(const PackedView& w, const A8Acts& a, const float* wscale, const
                 int64_t n0, int64_t n1);
 void f32_b1_avx2(const PackedView& w, const F32Acts& a, const float* wscale, const float* bias, float* out,
                  int64_t n0, int64_t n1);
-// B1 activation tables: for each 4-column group g (columns 4g..4g+3) of `positions` row bytes (2
-// groups each), the 16 sums T_g[e] = Σ_i bit_i(e)·q[4g + i] (|T| <= 512). int16: 32 bytes per group
-// in group order (the AVX-512 vpermw tables); else the pshufb form, 64 bytes per row byte p: low
-// bytes of T_2p, high bytes of T_2p, low bytes of T_2p+1, high bytes of T_2p+1, 16 each. q: 8·positions
-// activations (positions even) plus 16 readable bytes.
-void b1_tables_avx2(const int8_t* q, int64_t positions, uint8_t* dst, bool int16);
+// B1 activation tables of blocks [b0, b1) for a.M <= kTableMaxRows activation rows, at their places
+// in `scratch` (sized for every block, 64-byte aligned); a.lut points at them. For each 4-column
+// group g (columns 4g..4g+3) the 16 sums T_g[e] = Σ_i bit_i(e)·q[4g + i] (|T| <= 512), kB1TableBytes
+// per row byte p (groups 2p, 2p + 1): int16, T_2p then T_2p+1 (the AVX-512 vpermw tables); else the
+// pshufb form: low bytes of T_2p, high bytes of T_2p, low bytes of T_2p+1, high bytes of T_2p+1, 16 each.
+constexpr int64_t kB1TableBytes = 64;
+void b1_build_tables(const PackedView& w, A8Acts& a, std::vector<uint8_t>& scratch, int64_t b0, int64_t b1, bool int16);
 #endif
 
 }  // namespace bitllm
